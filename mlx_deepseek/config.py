@@ -1,0 +1,159 @@
+"""`ModelArgs`: the shape of a DeepSeek MLA + MoE network, read from a Hugging Face config.json.
+
+One dataclass covers both families: `deepseek_v2` (V2, V2-Lite, V2.5, Coder-V2) and
+`deepseek_v3` (V3, R1, V3.1, Moonlight), plus `kimi_k2`, which is a deepseek_v3 network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FAMILIES = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3"}
+
+# The router each family uses when config.json does not say (the published configs always do).
+FAMILY_ROUTER_DEFAULTS = {
+    "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax"},
+    "deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+}
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
+
+
+class ConfigError(ValueError):
+    """config.json describes something we cannot build (names the field and what was expected)."""
+
+
+@dataclass
+class ModelArgs:
+    model_type: str                     # as in config.json: deepseek_v2, deepseek_v3 or kimi_k2
+    vocab_size: int
+    hidden_size: int                    # residual stream width
+    intermediate_size: int              # hidden width of the dense MLP (first_k_dense_replace layers)
+    num_hidden_layers: int              # main layers; an MTP layer, if any, has index num_hidden_layers
+    num_attention_heads: int
+    kv_lora_rank: int                   # width of the compressed KV latent that the cache stores
+    qk_nope_head_dim: int               # per-head query/key width without position (from the latent)
+    qk_rope_head_dim: int               # per-token shared RoPE key width (also cached)
+    v_head_dim: int                     # per-head value width
+    q_lora_rank: Optional[int] = None   # None: queries are one projection (V2-Lite)
+    moe_intermediate_size: int = 0      # hidden width of one routed (and one shared) expert
+    n_routed_experts: Optional[int] = None  # None: a dense model, every layer an MLP
+    n_shared_experts: int = 0           # shared experts, fused into one MLP of n times the width
+    num_experts_per_tok: int = 1        # k of the top-k routing
+    topk_method: str = "greedy"         # greedy | group_limited_greedy | noaux_tc
+    scoring_func: str = "softmax"       # softmax | sigmoid
+    n_group: int = 1                    # experts are split in n_group groups ...
+    topk_group: int = 1                 # ... and a token may only use topk_group of them
+    norm_topk_prob: bool = False        # renormalize the k chosen weights to sum to one
+    routed_scaling_factor: float = 1.0  # multiplies the routed weights
+    first_k_dense_replace: int = 0      # the first k layers use the dense MLP
+    moe_layer_freq: int = 1             # after those, every moe_layer_freq-th layer is MoE
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # YaRN parameters, or None for plain RoPE
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0   # multi-token-prediction layers stored after the main ones
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0
+        )
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in FAMILIES:
+            raise ConfigError(
+                f"config.json: model_type {model_type!r} is not supported; "
+                f"expected one of {sorted(FAMILIES)}"
+            )
+        missing = [k for k in REQUIRED if config.get(k) is None]
+        if missing:
+            raise ConfigError(f"config.json ({model_type}): missing required field(s) {missing}")
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in fields and v is not None}
+        for key, default in FAMILY_ROUTER_DEFAULTS[FAMILIES[model_type]].items():
+            values.setdefault(key, default)
+        values["rope_theta"], values["rope_scaling"] = _read_rope(config)
+        args = cls(**values)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        def fail(field, expected):
+            raise ConfigError(
+                f"config.json: {field}={getattr(self, field)!r} is not valid: expected {expected}"
+            )
+
+        for field in REQUIRED:
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                fail(field, "a positive integer")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            fail("q_lora_rank", "a positive integer or null")
+        if self.n_routed_experts is None:
+            return
+        if self.moe_intermediate_size <= 0:
+            fail("moe_intermediate_size", "a positive integer for an MoE model")
+        if self.topk_method not in TOPK_METHODS:
+            fail("topk_method", f"one of {TOPK_METHODS}")
+        if self.scoring_func not in SCORING_FUNCS:
+            fail("scoring_func", f"one of {SCORING_FUNCS}")
+        if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+            fail("n_group", f"a divisor of n_routed_experts={self.n_routed_experts}")
+        if not 0 < self.topk_group <= self.n_group:
+            fail("topk_group", f"between 1 and n_group={self.n_group}")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_method != "greedy" and self.n_group > 1:
+            reachable = self.topk_group * per_group
+        else:
+            reachable = self.n_routed_experts
+        if not 0 < self.num_experts_per_tok <= reachable:
+            fail("num_experts_per_tok", f"between 1 and {reachable} (experts a token can reach)")
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            fail("n_group", "at most n_routed_experts/2 (noaux_tc scores a group by its top two)")
+        if self.moe_layer_freq <= 0:
+            fail("moe_layer_freq", "a positive integer")
+
+
+def _read_rope(config: dict) -> tuple[float, Optional[dict]]:
+    """DeepSeek's configs say `rope_theta` + `rope_scaling`; transformers 5 writes `rope_parameters`."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or (params if params else None)
+    if scaling is None:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "yarn":
+        raise ConfigError(
+            f"config.json: rope_scaling type {kind!r} is not supported; DeepSeek models use 'yarn'"
+        )
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in scaling:
+            raise ConfigError(f"config.json: rope_scaling (yarn) is missing {key!r}")
+    keep = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    return float(theta), {k: scaling[k] for k in keep if k in scaling}

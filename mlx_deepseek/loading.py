@@ -1,0 +1,212 @@
+"""A model folder (Hugging Face or mlx-lm layout, local or on the hub) -> a ready `Model`.
+
+Weights are read lazily from safetensors and mapped by `layout.to_model_layout`; every shard is
+checked before anything is read (present, inside the folder, header intact), and the mapped
+tensors are checked against the model (missing, unexpected, wrong shape) so errors name the
+tensor and the file rather than surfacing as a crash deep inside MLX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelArgs
+from .layout import CheckpointError, to_model_layout
+from .model import Model
+
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
+                      "F8_E4M3", "F8_E5M2"}
+# The aliases under which mlx-lm's config.json may give a per-module quantization.
+QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
+
+
+def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id, downloaded (or found in the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a model folder, got a file")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise CheckpointError(f"{repo}: no such folder (and not a Hugging Face repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # network, auth, missing repo: all need the same advice
+        raise CheckpointError(
+            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If you are offline, download it elsewhere and pass the local folder instead, "
+            "e.g. --model /path/to/folder"
+        ) from e
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+
+
+def safetensors_header(file: Path) -> dict:
+    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info.get("data_offsets", (0, -1))
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        if not 0 <= start <= end <= data_size:
+            raise CheckpointError(
+                f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
+                "(truncated or corrupt download?)"
+            )
+    return header
+
+
+def weight_files(folder: Path) -> dict[Path, set[str]]:
+    """The shards to read, each with the tensor names the index promises it holds."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: not a valid index ({e})") from e
+        files: dict[Path, set[str]] = {}
+        root = folder.resolve()
+        for tensor, name in weight_map.items():
+            file = (folder / name).resolve()
+            if root not in file.parents:
+                raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, outside the model folder")
+            files.setdefault(file, set()).add(tensor)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index_file}: shard {file.name} is missing from {folder}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin weights: convert them with `python -m convert`)" if list(folder.glob("*.bin")) else ""
+        raise CheckpointError(f"{folder}: no safetensors weights{hint}")
+    return {f: set() for f in files}
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for file, promised in weight_files(folder).items():
+        header = safetensors_header(file)
+        absent = sorted(promised - header.keys())
+        if absent:
+            raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
+        if any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
+            raise CheckpointError(
+                f"{file}: FP8 weights; convert the checkpoint first: python -m convert --hf-path {folder} ..."
+            )
+        weights.update(mx.load(str(file)))
+    return weights
+
+
+def quantization_of(config: dict):
+    """mlx-lm's `quantization` block -> (defaults or None, per-module params lookup)."""
+    q = config.get("quantization")
+    if q is None:
+        qc = config.get("quantization_config")
+        if qc and "bits" not in qc:
+            method = qc.get("quant_method", "unknown")
+            raise CheckpointError(
+                f"config.json: quantization_config ({method}) is a Hugging Face format; "
+                "convert the checkpoint first with `python -m convert`"
+            )
+        q = qc
+    if not q:
+        return None, lambda path: None
+    defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+
+    def params(path: str):
+        for alias in [path] + [path.rsplit(".", 1)[0] + "." + a for a in QUANT_ALIASES.get(path.rsplit(".", 1)[-1], ())]:
+            if alias in q:
+                return q[alias] and {**defaults, **q[alias]}
+        return defaults
+
+    return defaults, params
+
+
+def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Model:
+    """Build the model of a folder. `dtype` casts floating weights (the router bias stays float32)."""
+    folder = resolve_model_path(path_or_repo)
+    config = read_config(folder)
+    try:
+        args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{folder}: {e}") from None
+    defaults, quant_params = quantization_of(config)
+    weights = to_model_layout(read_weights(folder), args, quant_params)
+    model = Model(args)
+    if defaults is not None:
+        nn.quantize(
+            model,
+            class_predicate=lambda p, m: hasattr(m, "to_quantized")
+            and f"{p}.scales" in weights
+            and quant_params(p),
+            **defaults,
+        )
+    _check_against_model(model, weights, folder)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _check_against_model(model: Model, weights: dict, folder: Path) -> None:
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(weights.keys() - expected.keys())
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(does config.json match these weights?)"
+        )
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape)
+        if got != tuple(shape):
+            raise CheckpointError(f"{folder}: tensor {name} has shape {got}, expected {tuple(shape)} from config.json")
+
+
+def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None):
+    """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer."""
+    from mlx_lm.utils import load_tokenizer
+
+    folder = resolve_model_path(path_or_repo)
+    model = load_model(folder, lazy=lazy, dtype=dtype)
+    eos = read_config(folder).get("eos_token_id")
+    return model, load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,68 @@
+"""The DeepSeek decoder: embedding, N x (MLA + MoE or dense MLP), final norm, LM head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LatentCache
+from .config import ModelArgs
+from .mla import MLA
+from .moe import MLP, MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
+        self.self_attn = MLA(args)
+        if args.is_moe_layer(index):
+            self.mlp = MoE(args)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """tokens (B, L) -> logits (B, L, vocab); pass `cache=model.make_cache()` to decode incrementally."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DeepseekModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    def make_cache(self) -> list[LatentCache]:
+        return [LatentCache() for _ in self.layers]

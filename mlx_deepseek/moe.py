@@ -1,0 +1,160 @@
+"""DeepSeek's Mixture of Experts: a router, routed experts stored stacked, and shared experts.
+
+Routers that real checkpoints use (`topk_method`, `scoring_func` in config.json):
+- `greedy` (V2-Lite, Coder-V2-Lite): softmax scores, plain top-k.
+- `group_limited_greedy` (V2, V2.5): softmax; keep the `topk_group` groups with the highest single
+  expert score, then top-k inside them.
+- `noaux_tc` (V3, R1, V3.1, Kimi-K2, Moonlight): sigmoid; `e_score_correction_bias` is added for
+  the choice only; groups ranked by the sum of their two best biased scores.
+Weights are the unbiased scores of the chosen experts. Sigmoid routers renormalize them when
+`norm_topk_prob` (k > 1), then multiply by `routed_scaling_factor`. Softmax routers either
+renormalize (norm_topk_prob) or scale, as DeepSeek's V2 code does; every published V2 config
+has norm_topk_prob false, so they scale.
+
+Where Hugging Face transformers differs (we follow DeepSeek's code and the config):
+- its V3 router ignores `topk_method`/`scoring_func` and always runs sigmoid noaux_tc;
+- its V2 router ignores `norm_topk_prob` (it always scales);
+- it hides excluded groups with 0, DeepSeek with -inf; we use -inf, so a negative biased score can
+  never lose to an excluded expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+from .quant import QuantizedWeights
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.method, self.scoring = args.topk_method, args.scoring_func
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.normalize = args.norm_topk_prob and self.top_k > 1
+        self.scaling = args.routed_scaling_factor
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x (..., D) -> expert indices (..., k) and their float32 weights (..., k)."""
+        # Routing decisions are fragile: score in float32 whatever the model's dtype.
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        scores = mx.sigmoid(logits) if self.scoring == "sigmoid" else mx.softmax(logits, axis=-1)
+        choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
+        if self.method != "greedy" and self.n_group > 1:
+            choice = self._keep_best_groups(choice)
+        indices = mx.stop_gradient(mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
+        weights = mx.take_along_axis(scores, indices, axis=-1)
+        if self.normalize:
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        if not self.normalize or self.scoring == "sigmoid":
+            weights = weights * self.scaling
+        return indices, weights
+
+    def _keep_best_groups(self, choice: mx.array) -> mx.array:
+        grouped = mx.unflatten(choice, -1, (self.n_group, -1))
+        if self.method == "noaux_tc":
+            group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+        else:
+            group_scores = grouped.max(axis=-1)
+        dropped = self.n_group - self.topk_group
+        if dropped == 0:
+            return choice
+        worst = mx.argpartition(group_scores, kth=dropped - 1, axis=-1)[..., :dropped]
+        grouped = mx.put_along_axis(grouped, worst[..., None], mx.array(-math.inf, grouped.dtype), axis=-2)
+        return mx.flatten(grouped, -2, -1)
+
+
+class ExpertLinear(nn.Module):
+    """Stacked expert matrices (E, out, in); each input row is multiplied by its expert's matrix."""
+
+    def __init__(self, experts: int, in_dims: int, out_dims: int):
+        super().__init__()
+        bound = math.sqrt(1.0 / in_dims)
+        self.weight = mx.random.uniform(-bound, bound, (experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        w = self.weight.swapaxes(-1, -2)
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm is float32-only; Metal runs every dtype. Tests on CPU only.
+            out = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
+                               sorted_indices=sorted_indices)
+            return out.astype(x.dtype)
+        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedExpertLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(QuantizedWeights):
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return self.gather_matmul(x, indices, sorted_indices)
+
+
+class RoutedExperts(nn.Module):
+    """SwiGLU experts as three stacked matrices, run through gather_mm / gather_qmm.
+
+    With many token-expert pairs (prefill) the pairs are sorted by expert first so that each
+    expert's matrix is read once per contiguous run instead of once per pair.
+    """
+
+    sort_threshold = 64
+
+    def __init__(self, dims: int, hidden: int, experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(experts, dims, hidden)
+        self.up_proj = ExpertLinear(experts, dims, hidden)
+        self.down_proj = ExpertLinear(experts, hidden, dims)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x (..., D), indices (..., k) -> (..., k, D): each chosen expert's output."""
+        k = indices.shape[-1]
+        lead = indices.shape[:-1]
+        rows = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D)
+        sort = indices.size >= self.sort_threshold
+        if sort:
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            rows = rows.reshape(-1, 1, x.shape[-1])[order // k]  # (N*k, 1, D) grouped by expert
+            indices = flat[order]
+        h = nn.silu(self.gate_proj(rows, indices, sort)) * self.up_proj(rows, indices, sort)
+        out = self.down_proj(h, indices, sort)
+        if sort:
+            out = out[mx.argsort(order)]
+        return out.reshape(*lead, k, x.shape[-1])
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        # Named as mlx-lm names it, so mlx-lm's converted folders load without renaming.
+        self.switch_mlp = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        if args.n_shared_experts:
+            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        indices, weights = self.gate(x)
+        y = (self.switch_mlp(x, indices) * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
