@@ -98,9 +98,10 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer of exactly vocab_size tokens, so mlx-lm can load the folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    printable = ["\u0120", "\u010a"] + [chr(c) for c in range(33, 127)]  # space, newline, ASCII
+    rest = sorted(set(pre_tokenizers.ByteLevel.alphabet()) - set(printable))
     vocab = {"<|bos|>": 0, "<|eos|>": 1}
-    for ch in sorted(alphabet)[: vocab_size - 2]:
+    for ch in (printable + rest)[: vocab_size - 2]:
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -74,3 +74,26 @@ def test_trim_protocol():
     assert cache.trim(3) == 3 and cache.offset == 7
     assert cache.trim(100) == 7 and cache.offset == 0
     assert cache.state[0].shape == (1, 1, 0, 4)
+
+
+def test_mlx_lm_generation_utilities_run_on_our_model_and_cache(checkpoint):
+    """mlx-lm's stream_generate and prompt-cache helpers drive our model and LatentCache unchanged."""
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    from mlx_deepseek import load
+
+    model, tokenizer = load(checkpoint("v3"))
+    prompt = tokenizer.encode("the cache")
+    cache = make_prompt_cache(model)
+    assert all(isinstance(c, LatentCache) for c in cache)
+    theirs = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12, prompt_cache=cache)]
+
+    ours, own_cache = [], model.make_cache()
+    logits = model(mx.array([prompt]), cache=own_cache)
+    for _ in range(12):
+        ours.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = model(mx.array([[ours[-1]]]), cache=own_cache)
+    assert theirs == ours
+    assert can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 4) == 4
+    assert cache[0].offset == len(prompt) + 12 - 4  # mlx-lm runs one step ahead
