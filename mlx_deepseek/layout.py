@@ -65,6 +65,14 @@ def to_model_layout(
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
                 + (f", found {len(by_index)}" if not missing else "")
             )
+        shapes = {tuple(v.shape) for v in by_index.values()}
+        if len(shapes) > 1:
+            first = tuple(by_index[0].shape)
+            odd = next(e for e in range(args.n_routed_experts) if tuple(by_index[e].shape) != first)
+            raise CheckpointError(
+                f"tensor {name.replace('switch_mlp', f'experts.{odd}')} has shape {tuple(by_index[odd].shape)}, "
+                f"expected {first} like expert 0"
+            )
         out[name] = mx.stack([by_index[e] for e in range(args.n_routed_experts)])
 
     for i in range(args.num_hidden_layers):
@@ -77,6 +85,26 @@ def to_model_layout(
             if f"{attn}.unembed_out.{part}" in out:
                 out[f"{attn}.value_up.{part}"] = out.pop(f"{attn}.unembed_out.{part}")
     return out
+
+
+def check_shapes(model, weights: dict, where) -> None:
+    """Every parameter of `model` present in `weights` with its shape, and nothing else."""
+    from mlx.utils import tree_flatten
+
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(weights.keys() - expected.keys())
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(does config.json match these weights?)"
+        )
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {got}, expected {shape} from config.json")
 
 
 def _split_kv_b(out: dict, attn: str, args: ModelArgs) -> None:

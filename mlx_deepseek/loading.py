@@ -16,10 +16,9 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs
-from .layout import CheckpointError, to_model_layout
+from .layout import CheckpointError, check_shapes, to_model_layout
 from .model import Model
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -28,7 +27,10 @@ SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U
 QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
 
 
-def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+def resolve_model_path(path_or_repo: str | os.PathLike, allow_patterns: list[str] = MODEL_FILES) -> Path:
     """A local folder as is; otherwise a Hugging Face repo id, downloaded (or found in the cache)."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
@@ -41,7 +43,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]))
+        return Path(snapshot_download(repo, allow_patterns=allow_patterns))
     except Exception as e:  # network, auth, missing repo: all need the same advice
         raise CheckpointError(
             f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -171,7 +173,7 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
             and quant_params(p),
             **defaults,
         )
-    _check_against_model(model, weights, folder)
+    check_shapes(model, weights, folder)
     if dtype is not None:
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k else v
@@ -183,23 +185,6 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
         mx.eval(model.parameters())
     model.eval()
     return model
-
-
-def _check_against_model(model: Model, weights: dict, folder: Path) -> None:
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    missing = sorted(expected.keys() - weights.keys())
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(weights.keys() - expected.keys())
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-            "(does config.json match these weights?)"
-        )
-    for name, shape in expected.items():
-        got = tuple(weights[name].shape)
-        if got != tuple(shape):
-            raise CheckpointError(f"{folder}: tensor {name} has shape {got}, expected {tuple(shape)} from config.json")
 
 
 def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None):

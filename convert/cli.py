@@ -1,0 +1,128 @@
+"""The command line: python -m convert --hf-path SRC --mlx-path DST [-q] [...] (also `mlx-deepseek-convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_deepseek.config import ConfigError, ModelArgs
+from mlx_deepseek.layout import CheckpointError
+from mlx_deepseek.loading import MODEL_FILES, read_config, resolve_model_path
+
+from .plan import make_plan
+from .recipes import Quant, Recipe, RecipeError
+from .sources import open_source
+from .writer import atomic_folder, shard_jobs, write_shard
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# Copied beside the weights: what tokenizers and chat templates need, and the sampling defaults.
+SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "generation_config.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+              "vocab.json", "merges.txt"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    p.add_argument("--hf-path", required=True, help="source: a local folder or a Hugging Face repo id")
+    p.add_argument("--mlx-path", required=True, help="the output folder (must not exist, unless --force)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4 bits, group 64, affine)")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6 or 8")
+    p.add_argument("--q-group-size", type=int, default=None, help="32, 64 or 128 (mx modes fix their own)")
+    p.add_argument("--q-mode", default="affine", help="affine, mxfp4, nvfp4 or mxfp8")
+    p.add_argument("--recipe", help="mixed precision by module kind: a name (mixed-3-6, ...) or rules "
+                                    "like 'routed_experts=3,attention=6,embed=8'")
+    p.add_argument("--dtype", choices=list(DTYPES), help="float dtype of what is not quantized (default: the source's)")
+    p.add_argument("--drop-mtp", action="store_true", help="leave out the multi-token-prediction layer")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return convert(args)
+    except (CheckpointError, ConfigError, RecipeError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def convert(args) -> int:
+    start = time.perf_counter()
+    dst = Path(args.mlx_path).expanduser()
+    if dst.exists() and not args.force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    src = resolve_model_path(args.hf_path, MODEL_FILES + ["*.bin", "*.py"])
+    config = read_config(src)
+    try:
+        model_args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    mode_group = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}.get(args.q_mode, 64)
+    default = Quant(args.q_bits, args.q_group_size or mode_group, args.q_mode) if args.quantize else None
+    recipe = Recipe(default, args.recipe)
+    dtype = DTYPES[args.dtype or _source_dtype(config)]
+
+    source = open_source(src, config)
+    plan = make_plan(source, model_args, recipe, dtype, args.drop_mtp)
+    free = shutil.disk_usage(dst.parent if dst.parent.exists() else Path.cwd()).free
+    if plan.nbytes * 1.01 + 64e6 > free:
+        raise OSError(f"{dst.parent}: the output needs {plan.nbytes / 1e9:.2f} GB, only {free / 1e9:.2f} GB free")
+
+    shards = shard_jobs(plan, int(args.max_shard_size_gb * 1e9))
+    weight_map = {}
+    with atomic_folder(dst, args.force) as tmp, _progress(plan) as progress:
+        for i, jobs in enumerate(shards, start=1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            for tensor in write_shard(tmp / name, jobs, progress):
+                weight_map[tensor] = name
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(_output_config(config, plan, dtype, args.drop_mtp), indent=2))
+        for side in SIDE_FILES:
+            if (src / side).is_file():
+                shutil.copy2(src / side, tmp / side)
+
+    seconds = time.perf_counter() - start
+    print(f"Wrote {dst}: {plan.nbytes / 1e9:.3f} GB in {len(shards)} shard(s), "
+          f"{plan.nbytes * 8 / plan.parameters:.3f} bits per weight, {seconds:.1f} s")
+    return 0
+
+
+def _source_dtype(config: dict) -> str:
+    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return name if name in DTYPES else "bfloat16"
+
+
+def _output_config(config: dict, plan, dtype, drop_mtp: bool) -> dict:
+    out = {k: v for k, v in config.items() if k not in ("quantization_config", "quantization")}
+    out["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype]
+    if drop_mtp:
+        out["num_nextn_predict_layers"] = 0
+    q = plan.quantization_config()
+    if q:
+        out["quantization"] = q
+        out["quantization_config"] = q  # as mlx-lm writes it
+    return out
+
+
+class _progress:
+    """A tqdm bar over output bytes (tensors, bytes, ETA)."""
+
+    def __init__(self, plan):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc=f"{len(plan.jobs)} tensor groups",
+                        disable=None)
+
+    def __enter__(self):
+        return self.bar.update
+
+    def __exit__(self, *exc):
+        self.bar.close()

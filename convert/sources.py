@@ -1,0 +1,123 @@
+"""Reading a source checkpoint one tensor at a time: safetensors (lazily, via mx.load) or PyTorch
+.bin (memory-mapped, `weights_only=True`: pickled code is never executed). Block-FP8 weights are
+dequantized as they are read (see fp8.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_deepseek.layout import CheckpointError
+from mlx_deepseek.loading import safetensors_header, weight_files
+
+from . import fp8
+
+TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+                "torch.float8_e4m3fn": "F8_E4M3", "torch.int64": "I64", "torch.int32": "I32"}
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F8_E4M3"}
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple
+    dtype: str            # safetensors notation: F32, BF16, F8_E4M3, ...
+    file: Path
+    nbytes: int
+
+
+class Source:
+    """Name -> shape/dtype of every tensor, and `read(name)` -> mx.array, dequantizing FP8."""
+
+    def __init__(self, folder: Path, config: dict, tensors: dict[str, TensorInfo], reader: Callable[[str], mx.array]):
+        self.folder, self.config, self.tensors, self._read = folder, config, tensors, reader
+        self.fp8_block = fp8.block_size(config, folder)
+        self.fp8_scales = fp8.check_scales(tensors, self.fp8_block) if self.fp8_block else {}
+        for name, info in tensors.items():
+            if info.dtype not in FLOAT_DTYPES and name not in self.fp8_scales.values():
+                raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; expected a float type")
+            if info.dtype == "F8_E4M3" and name not in self.fp8_scales:
+                raise CheckpointError(f"{info.file}: tensor {name} is FP8 but config.json announces no FP8 quantization")
+
+    def names(self) -> list[str]:
+        """Tensor names, without the FP8 scales (they are folded into their weights on read)."""
+        scales = set(self.fp8_scales.values())
+        return [n for n in self.tensors if n not in scales]
+
+    def read(self, name: str) -> mx.array:
+        if name in self.fp8_scales:
+            return fp8.dequantize(self._read(name), self._read(self.fp8_scales[name]), self.fp8_block)
+        return self._read(name)
+
+
+def open_source(folder: Path, config: dict) -> Source:
+    if (folder / "model.safetensors.index.json").is_file() or list(folder.glob("*.safetensors")):
+        return _safetensors(folder, config)
+    if (folder / "pytorch_model.bin.index.json").is_file() or list(folder.glob("*.bin")):
+        return _torch_bin(folder, config)
+    raise CheckpointError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _safetensors(folder: Path, config: dict) -> Source:
+    tensors, handles = {}, {}
+    for file, promised in weight_files(folder).items():
+        header = safetensors_header(file)
+        absent = sorted(promised - header.keys())
+        if absent:
+            raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                tensors[name] = TensorInfo(tuple(info["shape"]), info["dtype"], file, end - start)
+
+    def read(name: str) -> mx.array:
+        file = tensors[name].file
+        if file not in handles:
+            handles[file] = mx.load(str(file))  # lazy: each tensor is read when evaluated
+        return handles[file][name]
+
+    return Source(folder, config, tensors, read)
+
+
+def _torch_bin(folder: Path, config: dict) -> Source:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{folder}: PyTorch .bin checkpoints need torch to be read: pip install 'mlx-deepseek[torch]'"
+        ) from None
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({(folder / f).resolve() for f in weight_map.values()})
+        for f in files:
+            if folder.resolve() not in f.parents:
+                raise CheckpointError(f"{index}: points to {f.name}, outside the model folder")
+            if not f.is_file():
+                raise CheckpointError(f"{index}: shard {f.name} is missing from {folder}")
+    else:
+        files = sorted(folder.glob("*.bin"))
+    tensors, loaded = {}, {}
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+        for name, t in state.items():
+            dtype = TORCH_DTYPES.get(str(t.dtype), str(t.dtype))
+            tensors[name] = TensorInfo(tuple(t.shape), dtype, file, t.numel() * t.element_size())
+            loaded[name] = t
+
+    def read(name: str) -> mx.array:
+        t = loaded[name]
+        if t.dtype == torch.bfloat16:
+            return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+        if t.dtype == torch.float8_e4m3fn:
+            return mx.array(t.view(torch.uint8).numpy())
+        return mx.array(np.ascontiguousarray(t.numpy()))
+
+    return Source(folder, config, tensors, read)
