@@ -28,6 +28,7 @@ class TensorInfo:
     dtype: str            # safetensors notation: F32, BF16, F8_E4M3, ...
     file: Path
     nbytes: int
+    offset: int = 0       # where its bytes start in `file` (safetensors)
 
 
 class Source:
@@ -62,23 +63,32 @@ def open_source(folder: Path, config: dict) -> Source:
     raise CheckpointError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
 
 
+# How each safetensors dtype is read: numpy dtype of the bytes, then the MLX view of them.
+ST_READ = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, mx.bfloat16),
+           "F8_E4M3": (np.uint8, None)}  # FP8 stays bytes: fp8.dequantize decodes it
+
+
 def _safetensors(folder: Path, config: dict) -> Source:
-    tensors, handles = {}, {}
+    tensors = {}
     for file, promised in weight_files(folder).items():
-        header = safetensors_header(file)
+        header, data_start = safetensors_header(file)
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
         for name, info in header.items():
             if name != "__metadata__":
                 start, end = info["data_offsets"]
-                tensors[name] = TensorInfo(tuple(info["shape"]), info["dtype"], file, end - start)
+                tensors[name] = TensorInfo(tuple(info["shape"]), info["dtype"], file, end - start, data_start + start)
 
     def read(name: str) -> mx.array:
-        file = tensors[name].file
-        if file not in handles:
-            handles[file] = mx.load(str(file))  # lazy: each tensor is read when evaluated
-        return handles[file][name]
+        """Exactly this tensor's bytes, nothing cached: memory stays at one tensor per read."""
+        info = tensors[name]
+        np_dtype, view = ST_READ.get(info.dtype, (np.float32, None))
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            data = np.fromfile(f, dtype=np_dtype, count=info.nbytes // np.dtype(np_dtype).itemsize).reshape(info.shape)
+        array = mx.array(data)
+        return array.view(view) if view is not None else array
 
     return Source(folder, config, tensors, read)
 

@@ -62,8 +62,10 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
 
 
-def safetensors_header(file: Path) -> dict:
-    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """Parse and check a safetensors header: every tensor's bytes must lie inside the file.
+
+    Returns the header and where the data starts (tensor offsets count from there)."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -85,7 +87,7 @@ def safetensors_header(file: Path) -> dict:
                 f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
                 "(truncated or corrupt download?)"
             )
-    return header
+    return header, 8 + n
 
 
 def weight_files(folder: Path) -> dict[Path, set[str]]:
@@ -117,7 +119,7 @@ def weight_files(folder: Path) -> dict[Path, set[str]]:
 def read_weights(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file, promised in weight_files(folder).items():
-        header = safetensors_header(file)
+        header, _ = safetensors_header(file)
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
@@ -174,17 +176,25 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
             **defaults,
         )
     check_shapes(model, weights, folder)
-    if dtype is not None:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k else v
-            for k, v in weights.items()
-        }
+    weights = {k: _cast(k, v, dtype) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+# Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.
+FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias")
+
+
+def _cast(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+    if name.endswith(FLOAT32_TENSORS):
+        return value.astype(mx.float32)
+    if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+        return value.astype(dtype)
+    return value
 
 
 def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None):

@@ -56,7 +56,8 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x (..., D) -> expert indices (..., k) and their float32 weights (..., k)."""
-        # Routing decisions are fragile: score in float32 whatever the model's dtype.
+        # Routing decisions are fragile: score in float32 whatever the model's dtype (the loader
+        # keeps the router weight in float32, so the cast below costs nothing).
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
         scores = mx.sigmoid(logits) if self.scoring == "sigmoid" else mx.softmax(logits, axis=-1)
         choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores

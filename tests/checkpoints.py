@@ -91,10 +91,10 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
         config.pop("rope_parameters", None)
         config.update(published)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(folder, s["vocab_size"])
+    write_tokenizer(folder, s["vocab_size"])
 
 
-def _write_tokenizer(folder: Path, vocab_size: int) -> None:
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer of exactly vocab_size tokens, so mlx-lm can load the folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 

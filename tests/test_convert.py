@@ -298,3 +298,33 @@ def test_bad_input_is_named_and_nothing_is_written(edit, message, checkpoint, tm
 def test_unknown_recipe_kind_is_an_error(checkpoint, tmp_path, capsys):
     assert convert(checkpoint("v3"), tmp_path / "out", "-q", "--recipe", "experts=3") == 1
     assert "'experts=3' is not a rule" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_not_enough_disk_space_is_said_up_front(checkpoint, tmp_path, capsys, monkeypatch):
+    import shutil as sh
+
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    assert convert(checkpoint("v3"), tmp_path / "out") == 1
+    assert "GB free" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_failure_mid_write_leaves_no_folder(checkpoint, tmp_path, monkeypatch):
+    from convert import plan
+
+    calls = {"n": 0}
+    real = plan._tensor_job
+
+    def failing(*a, **k):
+        job = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            def boom():
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway
+                yield
+            job.produce = boom
+        return job
+
+    monkeypatch.setattr(plan, "_tensor_job", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert(checkpoint("v3"), tmp_path / "out")
+    assert not list(tmp_path.iterdir())
