@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .cache import LatentCache
+
 CACHE_FORMAT = "mlx-deepseek-latent-cache/1"
 
 
@@ -39,11 +41,17 @@ def model_fingerprint(model) -> str:
 
 
 class PromptCache:
-    """A model's latent cache plus the token ids it holds, so prompts can share their prefix."""
+    """A model's latent cache plus the token ids it holds, so prompts can share their prefix.
+
+    A model loaded with its MTP module also gets `draft_cache`, the MTP layer's own latent cache:
+    its entry i belongs to the pair (h_i, t_{i+1}), so it holds at most one entry fewer than
+    the main cache.
+    """
 
     def __init__(self, model):
         self.model = model
         self.cache = model.make_cache()
+        self.draft_cache = LatentCache() if "mtp" in model else None
         self.tokens: list[int] = []
 
     def reuse(self, prompt: Sequence[int]) -> int:
@@ -54,6 +62,9 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(prompt) - 1)
+        if self.draft_cache is not None:  # the draft needs the pair of the last reused token
+            common = min(common, self.draft_cache.offset)
+            self.draft_cache.trim(self.draft_cache.offset - common)
         for c in self.cache:
             c.trim(c.offset - common)
         del self.tokens[common:]
@@ -61,8 +72,16 @@ class PromptCache:
 
     def __call__(self, tokens: Sequence[int]) -> mx.array:
         """Run `tokens` through the model on this cache; logits of the last position, (1, vocab)."""
+        return self.model.logits(self.hidden(tokens)[:, -1, :])
+
+    def hidden(self, tokens: Sequence[int]) -> mx.array:
+        """Run `tokens` through the main model on this cache; final hidden states (1, L, D)."""
         self.tokens.extend(int(t) for t in tokens)
-        return self.model(mx.array([list(tokens)]), cache=self.cache)[:, -1, :]
+        return self.model.model(mx.array([list(tokens)]), cache=self.cache)
+
+    def draft(self, hidden: mx.array, next_tokens: Sequence[int]) -> mx.array:
+        """Feed pairs (h_i, t_{i+1}) to the MTP module; its logits for the last one, (1, vocab)."""
+        return self.model.draft_logits(hidden, mx.array([list(next_tokens)]), self.draft_cache)[:, -1, :]
 
     @property
     def nbytes(self) -> int:
@@ -112,14 +131,24 @@ class PromptCache:
         return json.loads(meta.get("extra") or "{}")
 
 
-def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512) -> mx.array:
-    """Run a prompt in chunks of `chunk_size` (bounded memory); logits of its last token."""
-    start = 0
-    while len(tokens) - start > chunk_size:
-        prompt_cache(tokens[start : start + chunk_size])
-        mx.eval([c.state for c in prompt_cache.cache])
-        start += chunk_size
-    return prompt_cache(tokens[start:])
+def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512):
+    """Run a prompt in chunks of `chunk_size` (bounded memory).
+
+    Returns the logits of its last token and that token's hidden state (1, 1, D). With an MTP
+    module, every pair (h_i, t_{i+1}) inside the prompt also goes through the draft cache.
+    """
+    pending = None  # the hidden state still waiting for its next token
+    for start in range(0, len(tokens), chunk_size):
+        chunk = tokens[start : start + chunk_size]
+        h = prompt_cache.hidden(chunk)
+        if prompt_cache.draft_cache is not None:
+            pairs = h if pending is None else mx.concatenate([pending, h], axis=1)
+            following = chunk[1:] if pending is None else chunk
+            if following:
+                prompt_cache.draft(pairs[:, : len(following)], following)
+        pending = h[:, -1:, :]
+        mx.eval(pending, [c.state for c in prompt_cache.cache])
+    return prompt_cache.model.logits(pending[:, -1, :]), pending
 
 
 def decode(
@@ -151,6 +180,76 @@ def decode(
         token = following
 
 
+class DraftPolicy:
+    """How speculative decoding picks and checks tokens. temp == 0: greedy, a draft is accepted when
+    it is the target's argmax. temp > 0: speculative sampling (Leviathan et al., Chen et al. 2023) on
+    the temperature / top-k / top-p / min-p filtered distributions: accept d with probability
+    min(1, p(d) / q(d)), otherwise draw from max(p - q, 0) renormalized, so the output is
+    distributed exactly as sampling the main model alone."""
+
+    def __init__(self, temp: float = 0.0, top_p: float = 0.0, min_p: float = 0.0, top_k: int = 0):
+        self.temp, self.top_p, self.min_p, self.top_k = temp, top_p, min_p, top_k
+
+    def probs(self, logits: mx.array) -> mx.array:
+        p = mx.softmax(logits.astype(mx.float32) / self.temp, axis=-1)
+        if self.top_k:
+            kth = mx.sort(p, axis=-1)[..., -self.top_k][..., None]
+            p = mx.where(p >= kth, p, 0.0)
+        if 0 < self.top_p < 1:
+            ordered = mx.sort(p, axis=-1)
+            mass_above = mx.cumsum(ordered[..., ::-1], axis=-1)[..., ::-1] - ordered  # mass of larger tokens
+            cutoff = mx.min(mx.where(mass_above < self.top_p, ordered, mx.inf), axis=-1, keepdims=True)
+            p = mx.where(p >= cutoff, p, 0.0)
+        if self.min_p:
+            p = mx.where(p >= self.min_p * p.max(axis=-1, keepdims=True), p, 0.0)
+        return p / p.sum(axis=-1, keepdims=True)
+
+    def sample(self, logits: mx.array) -> int:
+        if self.temp == 0:
+            return int(mx.argmax(logits, axis=-1).item())
+        return int(mx.random.categorical(mx.log(self.probs(logits))).item())
+
+    def verify(self, target: mx.array, draft: mx.array, token: int) -> Optional[int]:
+        """None if `token` (drawn from `draft`) is accepted, else the token to emit instead."""
+        if self.temp == 0:
+            best = int(mx.argmax(target, axis=-1).item())
+            return None if best == token else best
+        p, q = self.probs(target)[0], self.probs(draft)[0]
+        if mx.random.uniform().item() * q[token].item() < p[token].item():
+            return None
+        residual = mx.maximum(p - q, 0.0)
+        return int(mx.random.categorical(mx.log(residual / residual.sum())).item())
+
+
+def decode_mtp(prompt_cache: PromptCache, logits: mx.array, pending: mx.array, policy: DraftPolicy,
+               stats: "Stats") -> Iterator[int]:
+    """Self-speculative decoding: the MTP module drafts the token after next, and one main forward
+    pass over [token, draft] both verifies the draft and computes the token after it. Yields one or
+    two tokens per main step; on rejection the draft's cache entry is rewound."""
+    pc = prompt_cache
+    token = policy.sample(logits)
+    draft_logits = pc.draft(pending, [token])
+    while True:
+        draft = policy.sample(draft_logits)
+        yield token
+        h = pc.hidden([token, draft])
+        target = pc.model.logits(h)
+        instead = policy.verify(target[:, 0], draft_logits, draft)
+        stats.main_steps += 1
+        stats.drafted += 1
+        if instead is None:
+            stats.accepted += 1
+            yield draft
+            token = policy.sample(target[:, 1])
+            draft_logits = pc.draft(h, [draft, token])
+        else:
+            for c in pc.cache:
+                c.trim(1)
+            pc.tokens.pop()
+            token = instead
+            draft_logits = pc.draft(h[:, :1], [token])
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0       # tokens of the prompt ...
@@ -160,6 +259,13 @@ class Stats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     cache_mb: float = 0.0
+    drafted: int = 0             # MTP drafts checked ...
+    accepted: int = 0            # ... and accepted
+    main_steps: int = 0          # main-model forward passes while decoding with MTP
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 @dataclass
@@ -187,10 +293,19 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     sampler: Optional[Callable] = None,
     logits_processors: Optional[Sequence[Callable]] = None,
+    mtp: bool = False,
 ) -> Iterator[Response]:
-    """Yield the reply piece by piece. Pass a `PromptCache` to keep (and reuse) the conversation."""
+    """Yield the reply piece by piece. Pass a `PromptCache` to keep (and reuse) the conversation.
+
+    `mtp=True` decodes speculatively with the model's MTP module (load it with `mtp=True`): the same
+    tokens greedily, the same distribution when sampling (temperature, top-k, top-p, min-p).
+    """
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+    if mtp and "mtp" not in model:
+        raise ValueError("this model was loaded without its MTP module: load(..., mtp=True)")
+    if mtp and (sampler is not None or logits_processors is not None or repetition_penalty):
+        raise ValueError("MTP decoding supports temp, top_p, min_p and top_k, not custom samplers or penalties")
     if seed is not None:
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -205,7 +320,7 @@ def stream_generate(
 
     start = time.perf_counter()
     stats.reused_tokens = prompt_cache.reuse(tokens)
-    logits = prefill(prompt_cache, tokens[stats.reused_tokens :], prefill_step_size)
+    logits, pending = prefill(prompt_cache, tokens[stats.reused_tokens :], prefill_step_size)
     mx.eval(logits)
     stats.prompt_tps = (len(tokens) - stats.reused_tokens) / (time.perf_counter() - start)
 
@@ -213,7 +328,11 @@ def stream_generate(
     detokenizer.reset()
     stop_text = StopText(stop)
     start = time.perf_counter()
-    for n, token in enumerate(decode(prompt_cache, logits, sampler, logits_processors), start=1):
+    if mtp:
+        steps = decode_mtp(prompt_cache, logits, pending, DraftPolicy(temp, top_p, min_p, top_k), stats)
+    else:
+        steps = decode(prompt_cache, logits, sampler, logits_processors)
+    for n, token in enumerate(steps, start=1):
         stats.generation_tokens = n
         stats.generation_tps = n / (time.perf_counter() - start)
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9

@@ -37,16 +37,22 @@ def is_mtp_tensor(name: str, args: ModelArgs) -> bool:
 
 
 def to_model_layout(
-    weights: dict[str, mx.array], args: ModelArgs, quant_params: Callable[[str], Optional[dict]]
+    weights: dict[str, mx.array], args: ModelArgs, quant_params: Callable[[str], Optional[dict]],
+    keep_mtp: bool = False,
 ) -> dict[str, mx.array]:
     """Rename and reshape checkpoint tensors into our module layout (lazily: nothing is computed).
 
     `quant_params(module_path)` gives the quantization of a module in an mlx-lm folder (or None).
+    With `keep_mtp`, the first MTP layer becomes `mtp.*`; its copies of the embedding and the head
+    come out as `mtp.copy.embed_tokens.*` / `mtp.copy.lm_head.*` for the caller to check.
     """
+    mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     out: dict[str, mx.array] = {}
     experts: dict[str, dict[int, mx.array]] = {}
     for name, value in weights.items():
-        if is_mtp_tensor(name, args) or name.endswith("rotary_emb.inv_freq"):
+        if is_mtp_tensor(name, args) and not (keep_mtp and name.startswith(mtp_prefix)):
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
             continue
         if args.tie_word_embeddings and name.startswith("lm_head."):
             continue
@@ -75,7 +81,7 @@ def to_model_layout(
             )
         out[name] = mx.stack([by_index[e] for e in range(args.n_routed_experts)])
 
-    for i in range(args.num_hidden_layers):
+    for i in range(args.num_hidden_layers + (1 if keep_mtp else 0)):
         attn = f"model.layers.{i}.self_attn"
         if f"{attn}.kv_b_proj.weight" in out:
             _split_kv_b(out, attn, args)
@@ -84,7 +90,34 @@ def to_model_layout(
         for part in QUANT_PARTS:
             if f"{attn}.unembed_out.{part}" in out:
                 out[f"{attn}.value_up.{part}"] = out.pop(f"{attn}.unembed_out.{part}")
+    if keep_mtp:
+        for name in [n for n in out if n.startswith(mtp_prefix)]:
+            out[mtp_module_name(name[len(mtp_prefix):])] = out.pop(name)
     return out
+
+
+MTP_NAMES = {"enorm.": "mtp.enorm.", "hnorm.": "mtp.hnorm.", "eh_proj.": "mtp.eh_proj.",
+             "shared_head.norm.": "mtp.head_norm.", "embed_tokens.": "mtp.copy.embed_tokens.",
+             "shared_head.head.": "mtp.copy.lm_head."}
+
+
+def mtp_module_name(rest: str) -> str:
+    """A name inside the checkpoint's MTP layer (after `model.layers.{N}.`) -> our module name."""
+    for stored, ours in MTP_NAMES.items():
+        if rest.startswith(stored):
+            return ours + rest[len(stored):]
+    return "mtp.block." + rest
+
+
+def checkpoint_module_name(path: str, args: ModelArgs) -> str:
+    """Our module path -> the one a checkpoint's config.json uses (they differ only inside the MTP)."""
+    if not path.startswith("mtp."):
+        return path
+    prefix = f"model.layers.{args.num_hidden_layers}."
+    for stored, ours in MTP_NAMES.items():
+        if path.startswith(ours.rstrip(".")):
+            return prefix + stored.rstrip(".") + path[len(ours.rstrip(".")):]
+    return prefix + path[len("mtp.block."):]
 
 
 def check_shapes(model, weights: dict, where) -> None:

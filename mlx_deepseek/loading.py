@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, ModelArgs
-from .layout import CheckpointError, check_shapes, to_model_layout
+from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_model_layout
 from .model import Model
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -131,7 +131,7 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
-def quantization_of(config: dict):
+def quantization_of(config: dict, args: ModelArgs):
     """mlx-lm's `quantization` block -> (defaults or None, per-module params lookup)."""
     q = config.get("quantization")
     if q is None:
@@ -148,7 +148,9 @@ def quantization_of(config: dict):
     defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
 
     def params(path: str):
-        for alias in [path] + [path.rsplit(".", 1)[0] + "." + a for a in QUANT_ALIASES.get(path.rsplit(".", 1)[-1], ())]:
+        path = checkpoint_module_name(path, args)
+        stem, _, leaf = path.rpartition(".")
+        for alias in [path] + [f"{stem}.{a}" for a in QUANT_ALIASES.get(leaf, ())]:
             if alias in q:
                 return q[alias] and {**defaults, **q[alias]}
         return defaults
@@ -156,17 +158,22 @@ def quantization_of(config: dict):
     return defaults, params
 
 
-def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Model:
-    """Build the model of a folder. `dtype` casts floating weights (the router bias stays float32)."""
+def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Model:
+    """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
+
+    `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
+    """
     folder = resolve_model_path(path_or_repo)
     config = read_config(folder)
     try:
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
-    defaults, quant_params = quantization_of(config)
-    weights = to_model_layout(read_weights(folder), args, quant_params)
-    model = Model(args)
+    defaults, quant_params = quantization_of(config, args)
+    weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
+    if mtp:
+        _share_mtp_copies(weights, folder, args)
+    model = Model(args, mtp=mtp)
     if defaults is not None:
         nn.quantize(
             model,
@@ -185,6 +192,21 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     return model
 
 
+def _share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
+    """The MTP layer's embedding and head must equal the main ones: check, then drop the copies."""
+    layer = f"model.layers.{args.num_hidden_layers}"
+    if not any(k.startswith("mtp.") for k in weights):
+        raise CheckpointError(
+            f"{folder}: no multi-token-prediction layer ({layer}.*) in this checkpoint "
+            f"(num_nextn_predict_layers={args.num_nextn_predict_layers}); run without MTP"
+        )
+    for name in [k for k in weights if k.startswith("mtp.copy.")]:
+        main = name.replace("mtp.copy.", "model.", 1) if ".embed_tokens." in name else name[len("mtp.copy."):]
+        if main in weights and not mx.array_equal(weights[name], weights[main]).item():
+            raise CheckpointError(f"{folder}: {name} differs from {main}; the MTP layer must share them")
+        del weights[name]
+
+
 # Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.
 FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias")
 
@@ -197,11 +219,11 @@ def _cast(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
     return value
 
 
-def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None):
+def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
     """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer."""
     from mlx_lm.utils import load_tokenizer
 
     folder = resolve_model_path(path_or_repo)
-    model = load_model(folder, lazy=lazy, dtype=dtype)
+    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp)
     eos = read_config(folder).get("eos_token_id")
     return model, load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)

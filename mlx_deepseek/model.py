@@ -44,21 +44,36 @@ class DeepseekModel(nn.Module):
 
 
 class Model(nn.Module):
-    """tokens (B, L) -> logits (B, L, vocab); pass `cache=model.make_cache()` to decode incrementally."""
+    """tokens (B, L) -> logits (B, L, vocab); pass `cache=model.make_cache()` to decode incrementally.
 
-    def __init__(self, args: ModelArgs):
+    With `mtp=True` the model also holds DeepSeek's multi-token-prediction module (`model.mtp`).
+    """
+
+    def __init__(self, args: ModelArgs, mtp: bool = False):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.model = DeepseekModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if mtp:
+            from .mtp import MTP
+
+            self.mtp = MTP(args)
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.logits(self.model(tokens, cache))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Final (post-norm) hidden states -> logits."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
+        """The MTP module's logits: at i, from h_i and t_{i+1}, for the token t_{i+2}."""
+        x = self.mtp(hidden, self.model.embed_tokens(next_tokens), cache)
+        return self.logits(self.mtp.head_norm(x))
 
     @property
     def layers(self) -> list:

@@ -1,0 +1,43 @@
+"""DeepSeek-V3's multi-token-prediction (MTP) module, used here as a built-in draft model.
+
+For main-sequence position i with final hidden state h_i and the next token t_{i+1}:
+
+    x_i = eh_proj(concat([enorm(embed(t_{i+1})), hnorm(h_i)]))   # the embedding comes first
+    x_i = DecoderLayer(x_i)                                       # MLA + MoE, its own latent cache
+    p_i = softmax(lm_head(head_norm(x_i)))                        # predicts t_{i+2}
+
+h_i is taken AFTER the main model's final norm: that is what vLLM's `deepseek_mtp.py` and
+SGLang's nextn feed it (the hidden states the target model returns are post-norm), and what
+shared/models/tinyseek-py was trained with (its README, "MTP module - exact convention").
+The checkpoint stores `embed_tokens` and `shared_head.head` again inside the MTP layer; they equal
+the main embedding and `lm_head` (DeepSeek's README_WEIGHTS), so the loader checks that and
+shares the main ones instead of holding two copies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LatentCache
+from .config import ModelArgs
+
+
+class MTP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        from .model import DecoderLayer
+
+        D = args.hidden_size
+        self.enorm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = DecoderLayer(args, args.num_hidden_layers)
+        self.head_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+
+    def __call__(self, hidden: mx.array, next_embeddings: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
+        """(B, L, D) main hidden states and embeddings of the tokens after them -> (B, L, D), pre-head."""
+        x = self.eh_proj(mx.concatenate([self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1))
+        return self.block(x, cache)
