@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--hide-thinking", action="store_true", help="do not show <think> reasoning")
     p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
     return p.parse_args(argv)
 
 
@@ -48,6 +50,8 @@ def sampling_defaults(folder: Path) -> dict:
     config = {}
     if (folder / "generation_config.json").is_file():
         config = json.loads((folder / "generation_config.json").read_text())
+    if config.get("do_sample") is False:
+        return {"temp": 0.0, "top_p": 0.0}
     return {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
 
 
@@ -136,7 +140,8 @@ class Chat:
             for r in stream_generate(
                 self.model, self.tokenizer, tokens, self.args.max_tokens, prompt_cache=self.cache,
                 min_p=self.args.min_p, top_k=self.args.top_k, repetition_penalty=self.args.repetition_penalty,
-                seed=self.args.seed, prefill_step_size=self.args.prefill_step_size, **self.sampling,
+                seed=self.args.seed, prefill_step_size=self.args.prefill_step_size, mtp=self.args.mtp,
+                **self.sampling,
             ):
                 reply.append(r.text)
                 renderer.write(r.text)
@@ -181,19 +186,25 @@ class Chat:
 
 
 def summary(s) -> str:
+    mtp = (f" | MTP acceptance {s.acceptance:.0%}, {s.generation_tokens / s.main_steps:.2f} tokens per step"
+           if s.main_steps else "")
     return (f"[prompt {s.prompt_tokens} tokens ({s.reused_tokens} reused), {s.prompt_tps:.1f} tok/s | "
-            f"reply {s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s | "
+            f"reply {s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s{mtp} | "
             f"latent cache {s.cache_mb:.1f} MB | peak {s.peak_memory_gb:.2f} GB]")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.mtp and args.repetition_penalty:
+        print("error: --mtp samples exactly from the model's distribution; it cannot apply "
+              "--repetition-penalty", file=sys.stderr)
+        return 2
     from mlx_deepseek import CheckpointError, ConfigError, load
     from mlx_deepseek.loading import resolve_model_path
 
     try:
         folder = resolve_model_path(args.model)
-        model, tokenizer = load(folder)
+        model, tokenizer = load(folder, mtp=args.mtp)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -114,3 +114,12 @@ def test_full_context_says_so_and_offers_reset(model, checkpoint):
     session.turn("this prompt plus 4090 tokens does not fit in 4096")
     assert "The conversation is full" in out.getvalue() and "/reset" in out.getvalue()
     assert session.messages == [] and session.cache.tokens == []
+
+
+def test_mtp_flag_reports_acceptance(capsys):
+    from conftest import SHARED
+
+    assert chat.main(["--model", str(SHARED / "models/tinyseek-py"), "--mtp", "--prompt", "import os",
+                      "--max-tokens", "24"]) == 0
+    assert "MTP acceptance" in capsys.readouterr().out
+    assert chat.main(["--model", "x", "--mtp", "--repetition-penalty", "1.1"]) == 2
