@@ -104,10 +104,10 @@ class ThinkingRenderer:
 
 
 class Chat:
-    def __init__(self, model, tokenizer, args, sampling: dict, out=sys.stdout):
+    def __init__(self, model, tokenizer, args, sampling: dict, out=None):
         from mlx_deepseek.generate import PromptCache
 
-        self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out
+        self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out or sys.stdout
         self.sampling = sampling
         self.system = args.system
         self.messages: list[dict] = []
