@@ -15,11 +15,11 @@ import mlx.core as mx
 from bench.synthetic import CACHE, build
 
 
-def converted(config: str, layers: int, experts: int) -> Path:
+def converted(config: str, layers: int, experts: int, vocab: int | None = None, dense_layers: int | None = None) -> Path:
     """A 4-bit conversion (float32 scales, so activations run in float32) of a synthetic checkpoint."""
-    out = CACHE / f"{config}-{layers}L-{experts}E-4bit-f32"
+    src = build(config, layers, experts, vocab, dense_layers)
+    out = src.with_name(src.name + "-4bit-f32")
     if not (out / "config.json").exists():
-        src = build(config, layers, experts)
         subprocess.run([sys.executable, "-m", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
                         "--dtype", "float32"], check=True)
     return out

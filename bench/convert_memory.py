@@ -2,7 +2,7 @@
 
 Two synthetic checkpoints with DeepSeek-V2-Lite's per-layer shapes and different numbers of
 layers are converted to 4 bits by both tools, each run in its own process measured by
-/usr/bin/time. Our peak should stay flat as the model grows; a converter that loads the
+its own rusage. Our peak should stay flat as the model grows; a converter that loads the
 model whole grows with it.
 
     python -m bench.convert_memory [--layers 4 10] [--config DeepSeek-V2-Lite] [--experts N]
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -23,19 +23,23 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bench.synthetic import ROOT, build
+from bench.synthetic import ROOT, build, results_dir
 
-RESULTS = ROOT / "results"
 
 
 def measure(cmd: list[str]) -> dict:
+    """Wall time and peak RSS of one child process (its own rusage, via wait4)."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"seconds": seconds, "peak_rss_gb": peak_kb / 1e6}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read()[-3000:].decode(errors='replace')}")
+    peak_bytes = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # macOS counts bytes, Linux KiB
+    return {"seconds": seconds, "peak_rss_gb": peak_bytes / 1e9}
 
 
 def folder_gb(folder: Path) -> float:
@@ -68,8 +72,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['layers']} | {r['source_gb']:.2f} | {r['tool']} | {r['peak_rss_gb']:.2f} | "
               f"{r['peak_rss_gb'] / r['source_gb']:.2f} | {r['seconds']:.1f} | {r['source_gb_per_s']:.3f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "convert_memory.json").write_text(json.dumps(
+    (results_dir() / "convert_memory.json").write_text(json.dumps(
         {"machine": platform.machine(), "mlx": mx.__version__, "config": a.config, "rows": rows}, indent=2))
     return 0
 

@@ -7,7 +7,13 @@ cache filled with C random entries (its content does not change the work), so lo
 cost no prefill. Activations are float32 on this CPU (MLX's CPU bf16 kernels are ~8x slower);
 on a Mac, convert with the default bf16.
 
-    python -m bench.runtime [--quick] [--reps 3]
+    python -m bench.runtime [--profile full|cpu|quick] [--reps 3]
+
+Profiles: `full` is the matrix to run on a Mac (real vocabularies; decode at 0/1k/4k/16k,
+prefill 128/512/2048 and a 256-token chunk on 4k/16k caches). `cpu` is what finishes in minutes
+on a 2-core Linux box whose quantized matmul runs at ~1 GMAC/s: real layer shapes, one dense and
+one MoE layer for V2-Lite and a single MoE layer for V3, 16 experts, an 8k vocabulary, shorter
+prompts. `quick` runs the script on the tinyseek shape (a smoke test).
 """
 
 from __future__ import annotations
@@ -19,11 +25,21 @@ import sys
 import mlx.core as mx
 
 from bench.common import converted, greedy, load_both, machine, summary, timed
-from bench.synthetic import ROOT
+from bench.synthetic import results_dir
 
-SHAPES = {"deepseek_v2": ("DeepSeek-V2-Lite", 2, 16), "deepseek_v3": ("DeepSeek-V3", 4, 16)}
-FULL = {"contexts": [0, 1024, 4096, 16384], "prompts": [128, 512, 2048], "appended": [4096, 16384], "steps": 16}
-QUICK = {"contexts": [0, 256], "prompts": [32], "appended": [256], "steps": 4}
+# family -> (config, layers, routed experts, vocabulary or None for the real one, dense layers or None)
+PROFILES = {
+    "full": {"shapes": {"deepseek_v2": ("DeepSeek-V2-Lite", 2, 16, None, None),
+                        "deepseek_v3": ("DeepSeek-V3", 4, 16, None, None)},
+             "contexts": [0, 1024, 4096, 16384], "prompts": [128, 512, 2048], "appended": [4096, 16384],
+             "chunk": 256, "steps": 16},
+    "cpu": {"shapes": {"deepseek_v2": ("DeepSeek-V2-Lite", 2, 16, 8192, None),
+                       "deepseek_v3": ("DeepSeek-V3", 1, 16, 8192, 0)},
+            "contexts": [0, 1024, 4096, 16384], "prompts": [32, 128], "appended": [4096, 16384],
+            "chunk": 32, "steps": 6},
+    "quick": {"shapes": {"deepseek_v3": ("tinyseek", 2, 16, None, None)},
+              "contexts": [0, 64], "prompts": [16], "appended": [64], "chunk": 8, "steps": 2},
+}
 
 
 def filled(make_cache, model, context: int):
@@ -57,8 +73,7 @@ def prefill_tps(model, make_cache, cached: int, length: int) -> float:
 
 
 def run_shape(family: str, sizes: dict, reps: int) -> list[dict]:
-    config, layers, experts = SHAPES[family]
-    runners = load_both(converted(config, layers, experts))
+    runners = load_both(converted(*sizes["shapes"][family]))
     prompt = mx.array([5, 17, 300, 41, 7, 99, 1000, 3])
     tokens = {name: greedy(model, make(), prompt, 12) for name, model, make in runners}
     same = len(set(map(tuple, tokens.values()))) == 1
@@ -67,7 +82,7 @@ def run_shape(family: str, sizes: dict, reps: int) -> list[dict]:
 
     cases = [("decode", c, 1) for c in sizes["contexts"]]
     cases += [("prefill", 0, n) for n in sizes["prompts"]]
-    cases += [("prefill", c, 256) for c in sizes["appended"]]
+    cases += [("prefill", c, sizes["chunk"]) for c in sizes["appended"]]
     rows = []
     for kind, context, length in cases:
         results = {name: [] for name, _, _ in runners}
@@ -83,7 +98,7 @@ def run_shape(family: str, sizes: dict, reps: int) -> list[dict]:
             mx.reset_peak_memory()
             cache = filled(make, model, max(context, 1))
             mx.eval(model(mx.array([[3]]), cache=cache))
-            per_token = sum(c.nbytes for c in cache) / max(c.offset for c in cache) if context else 0
+            per_token = sum(a.nbytes // a.shape[2] for c in cache for a in c.state if isinstance(a, mx.array))
             peak[name] = {"peak_gb": mx.get_peak_memory() / 1e9, "cache_bytes_per_token": per_token}
         rows.append({"family": family, "kind": kind, "context": context, "tokens": length, "same_tokens": same,
                      **{name: {**summary(v), **peak[name]} for name, v in results.items()}})
@@ -105,17 +120,16 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test)")
+    p.add_argument("--profile", choices=list(PROFILES), default="full")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--family", choices=list(SHAPES), nargs="+", default=list(SHAPES))
     a = p.parse_args(argv)
-    sizes, reps = (QUICK, 1) if a.quick else (FULL, a.reps)
-    rows = [r for family in a.family for r in run_shape(family, sizes, reps)]
+    sizes = PROFILES[a.profile]
+    reps = 1 if a.profile == "quick" else a.reps
+    rows = [r for family in sizes["shapes"] for r in run_shape(family, sizes, reps)]
     print_table(rows)
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    (out / ("runtime-quick.json" if a.quick else "runtime.json")).write_text(
-        json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    out = results_dir()
+    (out / f"runtime-{a.profile}.json").write_text(
+        json.dumps({"machine": machine(), "profile": a.profile, "rows": rows}, indent=2))
     return 0
 
 

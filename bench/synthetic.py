@@ -8,6 +8,7 @@ memory than one tensor.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,9 +25,19 @@ from convert.writer import atomic_folder, shard_jobs, write_shard  # noqa: E402
 from mlx_deepseek.config import ModelArgs  # noqa: E402
 
 
-def scaled_config(name: str, layers: int, experts: int | None = None) -> dict:
-    config = json.loads((CONFIGS / f"{name}.json").read_text())
+TINYSEEK = ROOT.parent.parent / "shared" / "models" / "tinyseek-py"
+
+
+def scaled_config(name: str, layers: int, experts: int | None = None, vocab: int | None = None,
+                  dense_layers: int | None = None) -> dict:
+    """A real config (../shared/configs/NAME.json, or `tinyseek`) with fewer layers / experts / tokens."""
+    file = TINYSEEK / "config.json" if name == "tinyseek" else CONFIGS / f"{name}.json"
+    config = json.loads(file.read_text())
     config["num_hidden_layers"] = layers
+    if vocab:
+        config["vocab_size"] = vocab
+    if dense_layers is not None:
+        config["first_k_dense_replace"] = dense_layers
     config.pop("quantization_config", None)  # synthetic weights are bf16, not FP8
     config["num_nextn_predict_layers"] = 0
     if experts:
@@ -71,10 +82,12 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple]:
     return shapes
 
 
-def build(name: str, layers: int, experts: int | None = None) -> Path:
+def build(name: str, layers: int, experts: int | None = None, vocab: int | None = None,
+          dense_layers: int | None = None) -> Path:
     """The folder of a synthetic checkpoint (cached under bench/.cache)."""
-    config = scaled_config(name, layers, experts)
-    folder = CACHE / f"{name}-{layers}L-{config['n_routed_experts']}E"
+    config = scaled_config(name, layers, experts, vocab, dense_layers)
+    folder = CACHE / (f"{name}-{layers}L-{config['first_k_dense_replace']}D-{config['n_routed_experts']}E-"
+                      f"{config['vocab_size']}V")
     if (folder / "config.json").exists():
         return folder
     args = ModelArgs.from_dict(config)
@@ -105,5 +118,8 @@ def build(name: str, layers: int, experts: int | None = None) -> Path:
     return folder
 
 
-def clear(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+def results_dir() -> Path:
+    """Where benchmarks write JSON and plots (MLX_DEEPSEEK_BENCH_RESULTS overrides bench/results)."""
+    folder = Path(os.environ.get("MLX_DEEPSEEK_BENCH_RESULTS", ROOT / "results"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -1,0 +1,33 @@
+"""Each benchmark script runs end to end at toy size, so none of them rots (no speed is asserted)."""
+
+import json
+
+import pytest
+
+from bench import convert_memory, mtp, plots, runtime
+
+
+@pytest.fixture(autouse=True)
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_DEEPSEEK_BENCH_RESULTS", str(tmp_path))
+    return tmp_path
+
+
+def test_runtime_benchmark_runs_and_both_runners_agree(results):
+    assert runtime.main(["--profile", "quick"]) == 0
+    rows = json.loads((results / "runtime-quick.json").read_text())["rows"]
+    assert rows and all(r["same_tokens"] for r in rows)
+    assert all(r["mlx-deepseek"]["cache_bytes_per_token"] == r["mlx-lm"]["cache_bytes_per_token"] == 768 for r in rows)
+
+
+def test_mtp_benchmark_runs(results):
+    assert mtp.main(["--profile", "quick"]) == 0
+    result = json.loads((results / "mtp-quick.json").read_text())
+    assert 0.5 < result["acceptance"] < 1 and result["overlap"]["distinct_experts_per_k"]["2"] > 1
+
+
+def test_conversion_benchmark_runs(results):
+    assert convert_memory.main(["--config", "tinyseek", "--layers", "1", "2"]) == 0
+    rows = json.loads((results / "convert_memory.json").read_text())["rows"]
+    assert {r["tool"] for r in rows} == {"mlx-deepseek", "mlx-lm"} and all(r["peak_rss_gb"] > 0 for r in rows)
+    assert plots.main() == 0
