@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--hide-thinking", action="store_true", help="do not show <think> reasoning")
     p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8),
+                   help="store the latent cache in 8 or 4 bits (1.7x / 2.8x smaller in bf16)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="quantization group of the latent cache")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
     return p.parse_args(argv)
@@ -111,7 +114,7 @@ class Chat:
         self.sampling = sampling
         self.system = args.system
         self.messages: list[dict] = []
-        self.cache = PromptCache(model)
+        self.cache = PromptCache(model, getattr(args, "kv_bits", None), getattr(args, "kv_group_size", 64))
         self.last = None
         self.limit = model.args.max_position_embeddings
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import LatentCache
+from .cache import LatentCache, make_latent_cache
 
 CACHE_FORMAT = "mlx-deepseek-latent-cache/1"
 
@@ -48,9 +48,9 @@ class PromptCache:
     the main cache.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model = model
-        self.cache = model.make_cache()
+        self.cache = model.make_cache(kv_bits, kv_group_size)
         self.draft_cache = LatentCache() if "mtp" in model else None
         self.tokens: list[int] = []
 
@@ -87,27 +87,29 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.cache)
 
-    def reset(self) -> None:
-        self.cache = self.model.make_cache()
-        self.tokens = []
-
     def save(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
         """Write the held tokens and latents with the model's fingerprint (atomically).
 
         `extra` (JSON-serializable, e.g. the conversation) travels in the same file.
         """
         arrays = {"tokens": mx.array(np.array(self.tokens, dtype=np.int32))}
-        for i, c in enumerate(self.cache):
-            if c.offset:
-                arrays[f"layer.{i}.latent"], arrays[f"layer.{i}.rope_key"] = c.state
+        for name, c in self._named_caches():
+            for j, a in enumerate(c.state):
+                arrays[f"{name}.{j}"] = a
+        meta = {name: c.meta_state for name, c in self._named_caches()}
         path = Path(path)
         tmp = path.with_name(path.name + ".partial.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata={
-            "format": CACHE_FORMAT, "model": model_fingerprint(self.model), "extra": json.dumps(extra or {})})
+            "format": CACHE_FORMAT, "model": model_fingerprint(self.model), "caches": json.dumps(meta),
+            "extra": json.dumps(extra or {})})
         os.replace(tmp, path)
 
+    def _named_caches(self):
+        named = [(f"layer.{i}", c) for i, c in enumerate(self.cache)]
+        return named + ([("draft", self.draft_cache)] if self.draft_cache is not None else [])
+
     def load(self, path: str | os.PathLike) -> dict:
-        """Replace this cache by a saved one; returns the `extra` saved with it."""
+        """Replace this cache by a saved one (plain or quantized, as saved); returns its `extra`."""
         path = Path(path)
         try:
             arrays, meta = mx.load(str(path), return_metadata=True)
@@ -118,16 +120,20 @@ class PromptCache:
         if meta.get("model") != model_fingerprint(self.model):
             raise CacheFileError(f"{path}: saved with a different model; it cannot continue this one")
         tokens = np.array(arrays["tokens"]).tolist()
-        cache = self.model.make_cache()
+        kinds = json.loads(meta.get("caches", "{}"))
+        restored = {}
+        for name, kind in kinds.items():
+            c = make_latent_cache(*map(int, kind.split(","))) if kind else LatentCache()
+            parts = sorted((k for k in arrays if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
+            c.state = [arrays[k] for k in parts]
+            restored[name] = c
+        cache = [restored.get(f"layer.{i}") for i in range(len(self.cache))]
         for i, c in enumerate(cache):
-            if tokens:
-                try:
-                    c.state = (arrays[f"layer.{i}.latent"], arrays[f"layer.{i}.rope_key"])
-                except KeyError as e:
-                    raise CacheFileError(f"{path}: layer {i} is missing") from e
-                if c.offset != len(tokens):
-                    raise CacheFileError(f"{path}: layer {i} holds {c.offset} tokens, expected {len(tokens)}")
+            if c is None or c.offset != len(tokens):
+                raise CacheFileError(f"{path}: layer {i} is missing or does not hold the {len(tokens)} saved tokens")
         self.cache, self.tokens = cache, tokens
+        if self.draft_cache is not None:
+            self.draft_cache = restored.get("draft", LatentCache())
         return json.loads(meta.get("extra") or "{}")
 
 
@@ -291,11 +297,14 @@ def stream_generate(
     stop: Sequence[str] = (),
     prefill_step_size: int = 512,
     prompt_cache: Optional[PromptCache] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
     sampler: Optional[Callable] = None,
     logits_processors: Optional[Sequence[Callable]] = None,
     mtp: bool = False,
 ) -> Iterator[Response]:
-    """Yield the reply piece by piece. Pass a `PromptCache` to keep (and reuse) the conversation.
+    """Yield the reply piece by piece. Pass a `PromptCache` to keep (and reuse) the conversation;
+    without one, `kv_bits` (8 or 4) makes a fresh cache that stores the latents quantized.
 
     `mtp=True` decodes speculatively with the model's MTP module (load it with `mtp=True`): the same
     tokens greedily, the same distribution when sampling (temperature, top-k, top-p, min-p).
@@ -314,7 +323,7 @@ def stream_generate(
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise ValueError("prompt is empty")
-    prompt_cache = prompt_cache or PromptCache(model)
+    prompt_cache = prompt_cache or PromptCache(model, kv_bits, kv_group_size)
     stats = Stats(prompt_tokens=len(tokens))
     mx.reset_peak_memory()
 

@@ -109,13 +109,15 @@ class MLA(nn.Module):
         k_pe = self.rope(k_pe, offset)
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)
-        T = latent.shape[2]
+        T = k_pe.shape[2]
 
         bias = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, H, L, T)
         if L > 1:
             bias = mx.where(causal_mask(L, T), bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
 
-        if self.absorbs(L, T):
+        if isinstance(latent, tuple):  # a quantized cache: attend on the quantized latents as stored
+            out = self.value_up(self._attend_quantized(self.key_up.t(q_nope), latent, bias, cache))
+        elif self.absorbs(L, T):
             q_latent = self.key_up.t(q_nope)  # (B, H, L, R)
             out = mx.fast.scaled_dot_product_attention(
                 q_latent, latent, latent, scale=self.scale, mask=bias
@@ -125,3 +127,15 @@ class MLA(nn.Module):
             keys, values = self.key_up(latent), self.value_up(latent)  # (B, H, T, .)
             out = mx.fast.scaled_dot_product_attention(q_nope, keys, values, scale=self.scale, mask=bias)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend_quantized(self, q_latent: mx.array, latent: tuple, bias: mx.array, cache) -> mx.array:
+        """Absorbed attention with both products on the quantized latent (B, 1, T, R): the heads and
+        query positions become rows of one matmul against the shared latent."""
+        B, H, L, R = q_latent.shape
+        T = bias.shape[-1]
+        quant = dict(group_size=cache.group_size, bits=cache.bits)
+        rows = (q_latent * self.scale).reshape(B, 1, H * L, R)
+        scores = mx.quantized_matmul(rows, *latent, transpose=True, **quant).reshape(B, H, L, T) + bias
+        p = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q_latent.dtype)
+        out = mx.quantized_matmul(p.reshape(B, 1, H * L, T), *latent, transpose=False, **quant)
+        return out.reshape(B, H, L, R)

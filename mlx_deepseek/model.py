@@ -7,7 +7,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import LatentCache
+from .cache import LatentCache, make_latent_cache
 from .config import ModelArgs
 from .mla import MLA
 from .moe import MLP, MoE
@@ -79,5 +79,6 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.model.layers
 
-    def make_cache(self) -> list[LatentCache]:
-        return [LatentCache() for _ in self.layers]
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list[LatentCache]:
+        """One latent cache per layer; `kv_bits` (8 or 4) stores the latents quantized."""
+        return [make_latent_cache(kv_bits, kv_group_size) for _ in self.layers]
