@@ -29,14 +29,15 @@ class CacheFileError(ValueError):
 
 
 def model_fingerprint(model) -> str:
-    """Identifies a model's architecture and weights: config, parameter shapes, and a weight sample."""
+    """Identifies a model's architecture and weights: config, parameter shapes, and the values of
+    its 1-D parameters (norms: small, and different in every fine-tune)."""
     from mlx.utils import tree_flatten
 
     h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
     for name, p in tree_flatten(model.parameters()):
         h.update(f"{name}{p.shape}{p.dtype}".encode())
-    for probe in (model.model.norm.weight, model.layers[0].input_layernorm.weight):
-        h.update(np.array(probe.astype(mx.float32)).tobytes())
+        if p.ndim == 1 and name.endswith("norm.weight"):
+            h.update(np.array(p.astype(mx.float32)).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -77,7 +78,7 @@ class PromptCache:
     def hidden(self, tokens: Sequence[int]) -> mx.array:
         """Run `tokens` through the main model on this cache; final hidden states (1, L, D)."""
         self.tokens.extend(int(t) for t in tokens)
-        return self.model.model(mx.array([list(tokens)]), cache=self.cache)
+        return self.model.hidden(mx.array([list(tokens)]), cache=self.cache)
 
     def draft(self, hidden: mx.array, next_tokens: Sequence[int]) -> mx.array:
         """Feed pairs (h_i, t_{i+1}) to the MTP module; its logits for the last one, (1, vocab)."""
@@ -323,6 +324,8 @@ def stream_generate(
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise ValueError("prompt is empty")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     prompt_cache = prompt_cache or PromptCache(model, kv_bits, kv_group_size)
     stats = Stats(prompt_tokens=len(tokens))
     mx.reset_peak_memory()

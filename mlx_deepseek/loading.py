@@ -183,7 +183,7 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
             **defaults,
         )
     check_shapes(model, weights, folder)
-    weights = {k: _cast(k, v, dtype) for k, v in weights.items()}
+    weights = {k: cast_weight(k, v, dtype) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if not lazy:
@@ -211,7 +211,7 @@ def _share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
 FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias")
 
 
-def _cast(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
     if name.endswith(FLOAT32_TENSORS):
         return value.astype(mx.float32)
     if dtype is not None and mx.issubdtype(value.dtype, mx.floating):

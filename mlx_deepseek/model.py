@@ -64,6 +64,10 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         return self.logits(self.model(tokens, cache))
 
+    def hidden(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+        """Final hidden states, after the norm (what the head and the MTP module take)."""
+        return self.model(tokens, cache)
+
     def logits(self, hidden: mx.array) -> mx.array:
         """Final (post-norm) hidden states -> logits."""
         if self.args.tie_word_embeddings:

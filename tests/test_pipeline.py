@@ -1,0 +1,78 @@
+"""Pipeline parallelism: 2 ranks on this machine over loopback (ring backend) equal one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from mlx_deepseek import load, load_model
+from mlx_deepseek.generate import PromptCache, stream_generate
+from mlx_deepseek.loading import safetensors_header
+from mlx_deepseek.pipeline import split_layers
+
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+MLX_LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())"
+
+
+def mlx_launch(script, *args, port):
+    """`mlx.launch -n 2 --backend ring` on loopback, with this interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-c", MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(port),
+         "--python", sys.executable, str(script), *map(str, args)],
+        capture_output=True, text=True, timeout=300, env=env)
+
+
+def launch(folder, out, *extra, port=5510):
+    return mlx_launch(WORKER, folder, out, *extra, port=port)
+
+
+def test_two_ranks_equal_one_process(checkpoint, tmp_path):
+    folder = checkpoint("v3", num_hidden_layers=4)
+    proc = launch(folder, tmp_path / "r")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"r.rank{i}.json").read_text()) for i in (0, 1))
+
+    model, tokenizer = load(folder)
+    prompt = list(range(3, 40))
+    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([prompt])))) < 1e-5
+    conversation = PromptCache(model)
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=16, prompt_cache=conversation)]
+    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
+                                               max_tokens=16, prompt_cache=conversation)]
+    assert r0["first"] == first and r0["second"] == second and r0["reused"] > len(prompt)
+
+    # each rank loaded only its layers (rank 0 also the embedding, norm and head)
+    assert r0["layers"][0] == 0 and r0["layers"][1] == r1["layers"][0] and r1["layers"][1] == 4
+    header, _ = safetensors_header(folder / "model.safetensors")
+    sizes = {n: i["data_offsets"][1] - i["data_offsets"][0] for n, i in header.items() if n != "__metadata__"}
+
+    def on_disk(lo, hi, ends):
+        return sum(v for n, v in sizes.items() if (n.startswith("model.layers.") and lo <= int(n.split(".")[2]) < hi)
+                   or (ends and not n.startswith("model.layers.")))
+
+    assert r0["bytes"] == on_disk(*r0["layers"], True) and r1["bytes"] == on_disk(*r1["layers"], False)
+
+
+def test_split_by_bytes_and_by_count():
+    assert [list(r) for r in split_layers([10, 10, 10, 10], 0, 2)] == [[0, 1], [2, 3]]
+    assert [list(r) for r in split_layers([1, 30, 30, 30], 40, 2)] == [[0, 1], [2, 3]]
+    assert [list(r) for r in split_layers([5] * 6, 0, 3, [1, 2, 3])] == [[0], [1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="6 positive counts|3 positive counts"):
+        split_layers([5] * 6, 0, 3, [1, 2])
+
+
+def test_a_rank_with_another_model_folder_is_refused(checkpoint, tmp_path):
+    a, b = checkpoint("v3"), checkpoint("v3", num_hidden_layers=4)
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import mlx.core as mx\nfrom mlx_deepseek.pipeline import pipeline\n"
+        f"pipeline({str(a)!r} if mx.distributed.init().rank() == 0 else {str(b)!r})\n")
+    proc = mlx_launch(script, port=5530)
+    assert "the ranks have different model folders" in proc.stdout + proc.stderr
