@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-bits", type=int, choices=(4, 8),
                    help="store the latent cache in 8 or 4 bits (1.7x / 2.8x smaller in bf16)")
     p.add_argument("--kv-group-size", type=int, default=64, help="quantization group of the latent cache")
+    p.add_argument("--layers-split", help="under mlx.launch: layers per rank, e.g. 30,31 (default: by bytes)")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
     return p.parse_args(argv)
@@ -205,12 +206,35 @@ def main(argv=None) -> int:
     from mlx_deepseek import CheckpointError, ConfigError, load
     from mlx_deepseek.loading import resolve_model_path
 
+    import mlx.core as mx
+
+    distributed = mx.distributed.is_available() and mx.distributed.init().size() > 1
+    if distributed and (args.mtp or args.kv_bits):
+        print("error: --mtp and --kv-bits do not work across a pipeline of Macs yet", file=sys.stderr)
+        return 2
     try:
         folder = resolve_model_path(args.model)
-        model, tokenizer = load(folder, mtp=args.mtp)
-    except (CheckpointError, ConfigError) as e:
+        if distributed:  # started by mlx.launch: this rank holds a slice of the layers
+            from mlx_deepseek.pipeline import pipeline
+
+            split = [int(n) for n in args.layers_split.split(",")] if args.layers_split else None
+            model, tokenizer = pipeline(folder, layers_split=split)
+            if tokenizer is None:
+                model.serve()
+                return 0
+        else:
+            model, tokenizer = load(folder, mtp=args.mtp)
+    except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        return run(args, folder, model, tokenizer)
+    finally:
+        if distributed:
+            model.stop()
+
+
+def run(args, folder: Path, model, tokenizer) -> int:
     defaults = sampling_defaults(folder)
     sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],
                 "top_p": args.top_p if args.top_p is not None else defaults["top_p"]}
