@@ -65,3 +65,20 @@ def test_bfloat16_within_bfloat16_tolerance(checkpoint, reference):
     top2 = np.sort(ref, axis=-1)[..., -2:]
     clear = (top2[..., 1] - top2[..., 0]) > 0.05 * np.abs(ref).max()
     assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+def test_trained_tinyseek_validation_loss_matches_torch():
+    """shared/models/tinyseek-py's README: loss 2.788288 (torch) on the first 64 validation windows."""
+    from conftest import SHARED
+
+    folder = SHARED / "models" / "tinyseek-py"
+    ids = np.load(folder / "validation" / "val_ids.npy")
+    model = load_model(folder)
+    windows = mx.array(np.stack([ids[w * 256 : w * 256 + 257] for w in range(64)]))
+    total = 0.0
+    for batch in range(0, 64, 16):
+        x = windows[batch : batch + 16]
+        logits = model(x[:, :-1])
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        total += -mx.take_along_axis(lp, x[:, 1:, None], axis=-1).sum().item()
+    assert total / (64 * 256) == pytest.approx(2.788288, abs=2e-5)
