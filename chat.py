@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     distributed = mx.distributed.is_available() and mx.distributed.init().size() > 1
-    if distributed and (args.mtp or args.kv_bits):
-        print("error: --mtp and --kv-bits do not work across a pipeline of Macs yet", file=sys.stderr)
+    if distributed and args.kv_bits:
+        print("error: --kv-bits does not work across a pipeline of Macs yet", file=sys.stderr)
         return 2
     try:
         folder = resolve_model_path(args.model)
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
             from mlx_deepseek.pipeline import pipeline
 
             split = [int(n) for n in args.layers_split.split(",")] if args.layers_split else None
-            model, tokenizer = pipeline(folder, layers_split=split)
+            model, tokenizer = pipeline(folder, layers_split=split, mtp=args.mtp)
             if tokenizer is None:
                 model.serve()
                 return 0

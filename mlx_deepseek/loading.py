@@ -172,7 +172,7 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     defaults, quant_params = quantization_of(config, args)
     weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
     if mtp:
-        _share_mtp_copies(weights, folder, args)
+        share_mtp_copies(weights, folder, args)
     model = Model(args, mtp=mtp)
     if defaults is not None:
         nn.quantize(
@@ -192,7 +192,7 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     return model
 
 
-def _share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
+def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
     """The MTP layer's embedding and head must equal the main ones: check, then drop the copies."""
     layer = f"model.layers.{args.num_hidden_layers}"
     if not any(k.startswith("mtp.") for k in weights):

@@ -38,6 +38,6 @@ class MTP(nn.Module):
         self.head_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
 
     def __call__(self, hidden: mx.array, next_embeddings: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
-        """(B, L, D) main hidden states and embeddings of the tokens after them -> (B, L, D), pre-head."""
+        """(B, L, D) main hidden states and embeddings of the tokens after them -> (B, L, D), ready for the head."""
         x = self.eh_proj(mx.concatenate([self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1))
-        return self.block(x, cache)
+        return self.head_norm(self.block(x, cache))

@@ -6,7 +6,9 @@ loads only those weights and keeps the latent cache of only those layers. Rank 0
 embedding, the final norm and the head, and owns tokenization, sampling and the terminal. A
 forward pass walks the ring: rank 0 embeds and runs its layers, sends the activations (B, L, D) to
 rank 1, ..., and the last rank sends them back to rank 0. Before the activations, a 4-value header
-says what comes: a forward of L tokens, a rewind of the caches, or stop.
+says what comes: a forward of L tokens (through the caches or without them), a rewind, a fresh
+cache, or stop. The other ranks hold one set of caches: one conversation at a time, the one of the
+latest `make_cache()`.
 
     model, tokenizer = pipeline(path)          # on every rank
     if tokenizer is None:                      # ranks > 0
@@ -32,10 +34,10 @@ import mlx.nn as nn
 from .config import ModelArgs
 from .layout import LAYER, CheckpointError, check_shapes, to_model_layout
 from .loading import (cast_weight, quantization_of, read_config, read_weights, resolve_model_path,
-                      safetensors_header, weight_files)
+                      safetensors_header, share_mtp_copies, weight_files)
 from .model import DecoderLayer
 
-FORWARD, TRIM, STOP = 1, 2, 3
+FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -79,7 +81,7 @@ def split_layers(per_layer: Sequence[int], rest: int, ranks: int, counts: Option
 class Stage(nn.Module):
     """Layers `layers` of the model; with `ends`, also the embedding, the final norm and the head."""
 
-    def __init__(self, args: ModelArgs, layers: range, ends: bool):
+    def __init__(self, args: ModelArgs, layers: range, ends: bool, mtp: bool = False):
         super().__init__()
         self.args, self.span = args, layers
         self.layers = [DecoderLayer(args, i) for i in layers]
@@ -88,6 +90,10 @@ class Stage(nn.Module):
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if mtp:  # beside the head on rank 0, where drafting happens
+            from .mtp import MTP
+
+            self.mtp = MTP(args)
 
     def run(self, h: mx.array, cache: Sequence) -> mx.array:
         for layer, c in zip(self.layers, cache):
@@ -111,20 +117,25 @@ def model_name(local: str, span: range) -> str:
     if local.startswith("layers."):
         index, rest = local[len("layers."):].split(".", 1)
         return f"model.layers.{int(index) + span.start}.{rest}"
-    return local if local.startswith("lm_head") else "model." + local
+    return local if local.startswith(("lm_head", "mtp.")) else "model." + local
 
 
-def load_stage(folder: Path, span: range, dtype=None) -> Stage:
-    """Build a stage and read only its own tensors (the others are never loaded)."""
+def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stage:
+    """Build a stage and read only its own tensors (the others are never loaded). With `mtp`,
+    rank 0's stage also holds the MTP layer."""
     config = read_config(folder)
     args = ModelArgs.from_dict(config)
     defaults, quant_params = quantization_of(config, args)
+    mtp = mtp and span.start == 0
+    mapped = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
+    if mtp:
+        share_mtp_copies(mapped, folder, args)
     weights = {}
-    for name, value in to_model_layout(read_weights(folder), args, quant_params).items():
+    for name, value in mapped.items():
         local = stage_name(name, span)
         if local is not None:
             weights[local] = cast_weight(name, value, dtype)
-    stage = Stage(args, span, ends=span.start == 0)
+    stage = Stage(args, span, ends=span.start == 0, mtp=mtp)
     if defaults is not None:
         nn.quantize(stage, class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights
                     and quant_params(model_name(p, span)), **defaults)
@@ -194,7 +205,7 @@ class PipelineModel:
         self.model_type = stage.args.model_type
 
     def __contains__(self, key) -> bool:
-        return False  # no MTP module across a pipeline (yet)
+        return key in self.stage  # "mtp": loaded with its MTP layer
 
     def parameters(self):
         return self.stage.parameters()
@@ -204,6 +215,7 @@ class PipelineModel:
 
         if kv_bits:
             raise ValueError("a quantized latent cache is not supported across a pipeline yet")
+        self.send_ring(_header(RESET))
         return [make_latent_cache() for _ in self.stage.layers] + [RemoteCache(self)]
 
     def send_ring(self, header: mx.array) -> None:
@@ -214,7 +226,7 @@ class PipelineModel:
         cache = cache if cache is not None else [None] * (local + 1)
         h = self.stage.run(self.stage.embed_tokens(tokens), cache[:local])
         B, L, _ = h.shape
-        self.send_ring(_header(FORWARD, B, L, DTYPES.index(h.dtype)))
+        self.send_ring(_header(FORWARD if cache[local] is not None else FORWARD_UNCACHED, B, L, DTYPES.index(h.dtype)))
         mx.eval(mx.distributed.send(h, 1, group=self.group))
         with deadline(self.timeout, f"waiting for rank {self.group.size() - 1}'s activations"):
             h = mx.distributed.recv_like(h, self.group.size() - 1, group=self.group)
@@ -230,6 +242,9 @@ class PipelineModel:
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         return self.logits(self.hidden(tokens, cache))
+
+    def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> mx.array:
+        return self.logits(self.stage.mtp(hidden, self.stage.embed_tokens(next_tokens), cache))
 
     def stop(self) -> None:
         self.send_ring(_header(STOP))
@@ -258,10 +273,13 @@ class Worker:
                 for c in cache:
                     c.trim(a)
                 continue
+            if cmd == RESET:
+                cache = [make_latent_cache() for _ in stage.layers]
+                continue
             with deadline(self.timeout, f"waiting for rank {rank - 1}'s activations"):
                 h = mx.distributed.recv((a, b, D), DTYPES[dtype], rank - 1, group=self.group)
                 mx.eval(h)
-            h = stage.run(h, cache)
+            h = stage.run(h, cache if cmd == FORWARD else [None] * len(cache))
             mx.eval(mx.distributed.send(h, (rank + 1) % size, group=self.group))
 
 
@@ -274,9 +292,11 @@ def folder_fingerprint(folder: Path) -> int:
     return int(h.hexdigest()[:7], 16)
 
 
-def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout: float = 300.0, group=None):
+def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout: float = 300.0, group=None,
+             mtp: bool = False):
     """Call on every rank of an `mlx.launch` job. Rank 0 gets (PipelineModel, tokenizer); the other
-    ranks get (Worker, None) and call `worker.serve()`, which returns when rank 0 calls `model.stop()`."""
+    ranks get (Worker, None) and call `worker.serve()`, which returns when rank 0 calls `model.stop()`.
+    `mtp=True` loads the MTP layer on rank 0 for speculative decoding across the pipeline."""
     group = group or mx.distributed.init()
     folder = resolve_model_path(path_or_repo)
     mine = folder_fingerprint(folder)
@@ -289,7 +309,7 @@ def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout
     args = ModelArgs.from_dict(read_config(folder))
     per_layer, rest = layer_bytes(folder, args)
     spans = split_layers(per_layer, rest, group.size(), layers_split)
-    stage = load_stage(folder, spans[group.rank()])
+    stage = load_stage(folder, spans[group.rank()], mtp=mtp)
     if group.rank() != 0:
         return Worker(stage, group, timeout), None
     from mlx_lm.utils import load_tokenizer

@@ -43,9 +43,9 @@ def test_two_ranks_equal_one_process(checkpoint, tmp_path):
     prompt = list(range(3, 40))
     assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([prompt])))) < 1e-5
     conversation = PromptCache(model)
-    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=16, prompt_cache=conversation)]
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
     second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
-                                               max_tokens=16, prompt_cache=conversation)]
+                                               max_tokens=24, prompt_cache=conversation)]
     assert r0["first"] == first and r0["second"] == second and r0["reused"] > len(prompt)
 
     # each rank loaded only its layers (rank 0 also the embedding, norm and head)
@@ -58,6 +58,23 @@ def test_two_ranks_equal_one_process(checkpoint, tmp_path):
                    or (ends and not n.startswith("model.layers.")))
 
     assert r0["bytes"] == on_disk(*r0["layers"], True) and r1["bytes"] == on_disk(*r1["layers"], False)
+
+
+def test_mtp_drafting_across_the_pipeline_changes_nothing_but_the_steps(tmp_path):
+    from conftest import SHARED
+
+    folder = SHARED / "models" / "tinyseek-py"
+    proc = launch(folder, tmp_path / "m", "--mtp", port=5590)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "m.rank0.json").read_text())
+    model, tokenizer = load(folder)
+    prompt = list(range(3, 40))
+    conversation = PromptCache(model)
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
+    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
+                                               max_tokens=24, prompt_cache=conversation)]
+    assert r0["first"] == first and r0["second"] == second
+    assert 0 < r0["main_steps"] < 24
 
 
 def test_split_by_bytes_and_by_count():
