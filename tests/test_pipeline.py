@@ -93,3 +93,15 @@ def test_a_rank_with_another_model_folder_is_refused(checkpoint, tmp_path):
         f"pipeline({str(a)!r} if mx.distributed.init().rank() == 0 else {str(b)!r})\n")
     proc = mlx_launch(script, port=5530)
     assert "the ranks have different model folders" in proc.stdout + proc.stderr
+
+
+def test_a_rank_that_stops_answering_stops_the_others_with_a_message(checkpoint, tmp_path):
+    folder = checkpoint("v3", num_hidden_layers=4)
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, mlx.core as mx\nfrom mlx_deepseek.pipeline import pipeline\n"
+        f"model, tokenizer = pipeline({str(folder)!r}, timeout=5)\n"
+        "if tokenizer is None:\n    time.sleep(120)  # a Mac that froze\n"
+        "else:\n    model(mx.array([[1, 2, 3]]))\n")
+    proc = mlx_launch(script, port=5650)
+    assert "no answer after 5 s waiting for rank 1's activations" in proc.stdout + proc.stderr
