@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bench.synthetic import CACHE, build
+from bench.synthetic import build
 
 
 def converted(config: str, layers: int, experts: int, vocab: int | None = None, dense_layers: int | None = None) -> Path:

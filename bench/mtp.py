@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     accept = measured_acceptance()
 
     print(f"\nMTP verify cost, {shape[0]} shape 4-bit, float32 activations, cache of {context} ({machine()})\n")
-    print(f"| tokens per step | ms | relative to 1 |\n|---:|---:|---:|")
+    print("| tokens per step | ms | relative to 1 |\n|---:|---:|---:|")
     for n, c in costs.items():
         print(f"| {n} | {c * 1000:.1f} | {c / costs[1]:.2f} |")
     print("\n| acceptance | projected speedup, 1 draft | 2 drafts |\n|---:|---:|---:|")

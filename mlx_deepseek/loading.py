@@ -185,7 +185,6 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     check_shapes(model, weights, folder)
     weights = {k: cast_weight(k, v, dtype) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    del weights
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

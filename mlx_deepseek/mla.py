@@ -19,7 +19,6 @@ RoPE term is computed once and handed to attention as an additive mask, together
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn

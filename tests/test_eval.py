@@ -4,7 +4,6 @@ import json
 import shutil
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from conftest import SHARED
 

@@ -1,11 +1,9 @@
 """stream_generate, prompt-prefix reuse and cache files, on a tiny model; streaming text on real tokenizers."""
 
-import json
 import zipfile
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from mlx_deepseek import load

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mlx_deepseek import load, load_model
+from mlx_deepseek import load
 from mlx_deepseek.generate import PromptCache, stream_generate
 from mlx_deepseek.loading import safetensors_header
 from mlx_deepseek.pipeline import split_layers
