@@ -220,9 +220,13 @@ def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.arr
 
 def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
     """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer."""
-    from mlx_lm.utils import load_tokenizer
-
     folder = resolve_model_path(path_or_repo)
-    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp)
+    return load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp), load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path):
+    """mlx-lm's tokenizer of a model folder, stopping at the config's end-of-sequence token(s)."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
     eos = read_config(folder).get("eos_token_id")
-    return model, load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    return mlx_lm_load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)

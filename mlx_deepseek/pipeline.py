@@ -33,7 +33,8 @@ import mlx.nn as nn
 
 from .config import ModelArgs
 from .layout import LAYER, CheckpointError, check_shapes, to_model_layout
-from .loading import (cast_weight, quantization_of, read_config, read_weights, resolve_model_path,
+from .cache import make_latent_cache
+from .loading import (cast_weight, load_tokenizer, quantization_of, read_config, read_weights, resolve_model_path,
                       safetensors_header, share_mtp_copies, weight_files)
 from .model import DecoderLayer
 
@@ -211,8 +212,6 @@ class PipelineModel:
         return self.stage.parameters()
 
     def make_cache(self, kv_bits=None, kv_group_size: int = 64) -> list:
-        from .cache import make_latent_cache
-
         if kv_bits:
             raise ValueError("a quantized latent cache is not supported across a pipeline yet")
         self.send_ring(_header(RESET))
@@ -257,8 +256,6 @@ class Worker:
         self.stage, self.group, self.timeout = stage, group, timeout
 
     def serve(self) -> None:
-        from .cache import make_latent_cache
-
         rank, size, stage = self.group.rank(), self.group.size(), self.stage
         cache = [make_latent_cache() for _ in stage.layers]
         D = stage.args.hidden_size
@@ -312,8 +309,4 @@ def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout
     stage = load_stage(folder, spans[group.rank()], mtp=mtp)
     if group.rank() != 0:
         return Worker(stage, group, timeout), None
-    from mlx_lm.utils import load_tokenizer
-
-    eos = read_config(folder).get("eos_token_id")
-    tokenizer = load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    return PipelineModel(stage, group, spans, timeout), tokenizer
+    return PipelineModel(stage, group, spans, timeout), load_tokenizer(folder)
