@@ -107,15 +107,17 @@ def run_shape(family: str, sizes: dict, reps: int) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\nmlx-deepseek vs mlx-lm, 4-bit, float32 activations ({machine()})\n")
-    print("| shape | case | ours tok/s | mlx-lm tok/s | ratio | ours cache B/token | mlx-lm cache B/token | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|:-:|")
+    print("| shape | case | ours tok/s | mlx-lm tok/s | ratio | ours cache B/token | mlx-lm cache B/token "
+          "| ours peak GB | mlx-lm peak GB | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|")
     for r in rows:
         o, t = r["mlx-deepseek"], r["mlx-lm"]
         case = f"decode @ {r['context']}" if r["kind"] == "decode" else (
             f"prefill {r['tokens']}" + (f" on {r['context']}" if r["context"] else ""))
         spread = f" ({o['min']:.1f}-{o['max']:.1f})" if o["n"] > 1 else ""
         print(f"| {r['family']} | {case} | {o['median']:.1f}{spread} | {t['median']:.1f} | {o['median'] / t['median']:.2f} | "
-              f"{o['cache_bytes_per_token']:.0f} | {t['cache_bytes_per_token']:.0f} | {'yes' if r['same_tokens'] else 'NO'} |")
+              f"{o['cache_bytes_per_token']:.0f} | {t['cache_bytes_per_token']:.0f} | {o['peak_gb']:.2f} | "
+              f"{t['peak_gb']:.2f} | {'yes' if r['same_tokens'] else 'NO'} |")
 
 
 def main(argv=None) -> int:
