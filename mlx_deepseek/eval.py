@@ -105,15 +105,11 @@ def footprint(folder: Path, model) -> dict:
     from mlx.utils import tree_flatten
 
     from .layout import is_mtp_tensor
-    from .loading import safetensors_header, weight_files
+    from .loading import entry_nbytes, tensor_headers
     from .model import Model
 
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    main = 0
-    for file in weight_files(folder):
-        header, _ = safetensors_header(file)
-        main += sum(info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()
-                    if name != "__metadata__" and not is_mtp_tensor(name, model.args))
+    main = sum(entry_nbytes(e) for name, e in tensor_headers(folder).items() if not is_mtp_tensor(name, model.args))
     params = sum(v.size for _, v in tree_flatten(Model(model.args).parameters()))  # lazy: nothing allocated
     return {"size_gb": size / 1e9, "bits_per_weight": main * 8 / params}
 

@@ -116,6 +116,19 @@ def weight_files(folder: Path) -> dict[Path, set[str]]:
     return {f: set() for f in files}
 
 
+def tensor_headers(folder: Path) -> dict[str, dict]:
+    """Every tensor's header entry (dtype, shape, data_offsets) across the folder's shards."""
+    entries = {}
+    for file in weight_files(folder):
+        header, _ = safetensors_header(file)
+        entries.update((k, v) for k, v in header.items() if k != "__metadata__")
+    return entries
+
+
+def entry_nbytes(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
 def read_weights(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file, promised in weight_files(folder).items():
@@ -174,21 +187,27 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     if mtp:
         share_mtp_copies(weights, folder, args)
     model = Model(args, mtp=mtp)
-    if defaults is not None:
-        nn.quantize(
-            model,
-            class_predicate=lambda p, m: hasattr(m, "to_quantized")
-            and f"{p}.scales" in weights
-            and quant_params(p),
-            **defaults,
-        )
-    check_shapes(model, weights, folder)
-    weights = {k: cast_weight(k, v, dtype) for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def install_weights(module: nn.Module, weights: dict, defaults, quant_params, where,
+                    checkpoint_path=lambda p: p) -> None:
+    """Quantize the modules whose weights come quantized, check every shape, load.
+    `checkpoint_path` maps a module path of `module` to the model's (for per-module settings)."""
+    if defaults is not None:
+        nn.quantize(
+            module,
+            class_predicate=lambda p, m: hasattr(m, "to_quantized")
+            and f"{p}.scales" in weights
+            and quant_params(checkpoint_path(p)),
+            **defaults,
+        )
+    check_shapes(module, weights, where)
+    module.load_weights(list(weights.items()), strict=True)
 
 
 def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:

@@ -32,10 +32,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .layout import LAYER, CheckpointError, check_shapes, to_model_layout
 from .cache import make_latent_cache
-from .loading import (cast_weight, load_tokenizer, quantization_of, read_config, read_weights, resolve_model_path,
-                      safetensors_header, share_mtp_copies, weight_files)
+from .layout import LAYER, CheckpointError, to_model_layout
+from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, quantization_of, read_config,
+                      read_weights, resolve_model_path, share_mtp_copies, tensor_headers)
 from .model import DecoderLayer
 
 FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
@@ -45,17 +45,12 @@ DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 def layer_bytes(folder: Path, args: ModelArgs) -> tuple[list[int], int]:
     """Bytes on disk of each main layer, and of the rest (embedding, norm, head)."""
     per_layer, rest = [0] * args.num_hidden_layers, 0
-    for file in weight_files(folder):
-        header, _ = safetensors_header(file)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            size = info["data_offsets"][1] - info["data_offsets"][0]
-            m = LAYER.match(name)
-            if m is None:
-                rest += size
-            elif int(m.group(1)) < args.num_hidden_layers:
-                per_layer[int(m.group(1))] += size
+    for name, entry in tensor_headers(folder).items():
+        m = LAYER.match(name)
+        if m is None:
+            rest += entry_nbytes(entry)
+        elif int(m.group(1)) < args.num_hidden_layers:
+            per_layer[int(m.group(1))] += entry_nbytes(entry)
     return per_layer, rest
 
 
@@ -137,11 +132,7 @@ def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stag
         if local is not None:
             weights[local] = cast_weight(name, value, dtype)
     stage = Stage(args, span, ends=span.start == 0, mtp=mtp)
-    if defaults is not None:
-        nn.quantize(stage, class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights
-                    and quant_params(model_name(p, span)), **defaults)
-    check_shapes(stage, weights, folder)
-    stage.load_weights(list(weights.items()), strict=True)
+    install_weights(stage, weights, defaults, quant_params, folder, lambda p: model_name(p, span))
     mx.eval(stage.parameters())
     return stage
 
@@ -283,9 +274,7 @@ class Worker:
 def folder_fingerprint(folder: Path) -> int:
     """config.json and the tensor index (names, shapes, dtypes) of a folder, as a 31-bit number."""
     h = hashlib.sha256(Path(folder, "config.json").read_bytes())
-    for file in sorted(weight_files(folder)):
-        header, _ = safetensors_header(file)
-        h.update(repr(sorted((k, v.get("shape"), v.get("dtype")) for k, v in header.items() if k != "__metadata__")).encode())
+    h.update(repr(sorted((k, v["shape"], v["dtype"]) for k, v in tensor_headers(folder).items())).encode())
     return int(h.hexdigest()[:7], 16)
 
 
