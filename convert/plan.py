@@ -11,6 +11,7 @@ come: memory holds one source tensor plus the stack's scales, never the stack.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -65,10 +66,7 @@ class Plan:
         quantized = [j.quant for j in self.jobs if j.quant]
         if not quantized:
             return None
-        counts: dict[Quant, int] = {}
-        for _, q in quantized:
-            counts[q] = counts.get(q, 0) + 1
-        default = max(counts, key=counts.get)
+        default = Counter(q for _, q in quantized).most_common(1)[0][0]
         config = default.as_config()
         for module, q in quantized:
             if q != default:
@@ -101,14 +99,12 @@ def make_plan(source: Source, args: ModelArgs, recipe: Recipe, dtype: mx.Dtype, 
         if m:
             prefix, index, proj, _ = m.groups()
             experts.setdefault(f"{prefix}.switch_mlp.{proj}", []).append((int(index), name))
-    stacked = {name for group in experts.values() for _, name in group}
-    emitted_experts = set()
     for name in sorted(names, key=_natural):
-        if name in stacked:
-            module = f"{EXPERT.match(name).group(1)}.switch_mlp.{EXPERT.match(name).group(3)}"
-            if module not in emitted_experts:
-                emitted_experts.add(module)
-                parts = [n for _, n in sorted(experts[module])]
+        m = EXPERT.match(name)
+        if m:
+            module = f"{m.group(1)}.switch_mlp.{m.group(3)}"
+            if module in experts:  # the first expert of a stack brings the whole stack
+                parts = [n for _, n in sorted(experts.pop(module))]
                 plan.jobs.append(_matrix_job(source, module, parts, recipe(module), dtype, stacked=True))
         elif name.endswith("self_attn.kv_b_proj.weight") and args.family == "deepseek_v3":
             plan.jobs.extend(_split_kv_b_jobs(source, name, args, recipe, dtype))
