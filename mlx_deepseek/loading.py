@@ -16,10 +16,12 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from .config import ConfigError, ModelArgs
 from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_model_layout
 from .model import Model
+from .moe import MixedPrecisionExperts, RoutedExperts
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
                       "F8_E4M3", "F8_E5M2"}
@@ -199,6 +201,7 @@ def install_weights(module: nn.Module, weights: dict, defaults, quant_params, wh
     """Quantize the modules whose weights come quantized, check every shape, load.
     `checkpoint_path` maps a module path of `module` to the model's (for per-module settings)."""
     if defaults is not None:
+        _mix_expert_precision(module, quant_params, checkpoint_path)
         nn.quantize(
             module,
             class_predicate=lambda p, m: hasattr(m, "to_quantized")
@@ -208,6 +211,21 @@ def install_weights(module: nn.Module, weights: dict, defaults, quant_params, wh
         )
     check_shapes(module, weights, where)
     module.load_weights(list(weights.items()), strict=True)
+
+
+def _mix_expert_precision(module: nn.Module, quant_params, checkpoint_path) -> None:
+    """Routed experts that the config quantizes per expert (`expert_bits`) become one stack per width."""
+    swaps = []
+    for path, m in module.named_modules():
+        spec = isinstance(m, RoutedExperts) and quant_params(checkpoint_path(path))
+        if spec and "expert_bits" in spec:
+            experts, hidden, dims = m.gate_proj.weight.shape
+            if len(spec["expert_bits"]) != experts:
+                raise CheckpointError(f"config.json: quantization of {checkpoint_path(path)} gives bits for "
+                                      f"{len(spec['expert_bits'])} experts, the model has {experts}")
+            swaps.append((path, MixedPrecisionExperts(dims, hidden, spec["expert_bits"])))
+    if swaps:
+        module.update_modules(tree_unflatten(swaps))
 
 
 def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:

@@ -111,14 +111,33 @@ class QuantizedExpertLinear(QuantizedWeights):
         return self.gather_matmul(x, indices, sorted_indices)
 
 
-class RoutedExperts(nn.Module):
-    """SwiGLU experts as three stacked matrices, run through gather_mm / gather_qmm.
+SORT_THRESHOLD = 64  # token-expert pairs from which dispatch sorts them by expert
 
-    With many token-expert pairs (prefill) the pairs are sorted by expert first so that each
-    expert's matrix is read once per contiguous run instead of once per pair.
+
+def dispatch(x: mx.array, indices: mx.array, run) -> mx.array:
+    """x (..., D), indices (..., k) -> (..., k, D), where `run(rows, indices, sorted)` computes
+    each token-expert pair's output.
+
+    With many pairs (prefill) the pairs are sorted by expert first so that each expert's matrix is
+    read once per contiguous run instead of once per pair.
     """
+    k = indices.shape[-1]
+    lead = indices.shape[:-1]
+    rows = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D)
+    sort = indices.size >= SORT_THRESHOLD
+    if sort:
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        rows = rows.reshape(-1, 1, x.shape[-1])[order // k]  # (N*k, 1, D) grouped by expert
+        indices = flat[order]
+    out = run(rows, indices, sort)
+    if sort:
+        out = out[mx.argsort(order)]
+    return out.reshape(*lead, k, x.shape[-1])
 
-    sort_threshold = 64
+
+class RoutedExperts(nn.Module):
+    """SwiGLU experts as three stacked matrices, run through gather_mm / gather_qmm."""
 
     def __init__(self, dims: int, hidden: int, experts: int):
         super().__init__()
@@ -128,20 +147,55 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (..., D), indices (..., k) -> (..., k, D): each chosen expert's output."""
-        k = indices.shape[-1]
-        lead = indices.shape[:-1]
-        rows = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, D)
-        sort = indices.size >= self.sort_threshold
-        if sort:
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            rows = rows.reshape(-1, 1, x.shape[-1])[order // k]  # (N*k, 1, D) grouped by expert
-            indices = flat[order]
-        h = nn.silu(self.gate_proj(rows, indices, sort)) * self.up_proj(rows, indices, sort)
-        out = self.down_proj(h, indices, sort)
-        if sort:
-            out = out[mx.argsort(order)]
-        return out.reshape(*lead, k, x.shape[-1])
+        return dispatch(x, indices, self.swiglu)
+
+    def swiglu(self, rows: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        h = nn.silu(self.gate_proj(rows, indices, sorted_indices)) * self.up_proj(rows, indices, sorted_indices)
+        return self.down_proj(h, indices, sorted_indices)
+
+
+class MixedPrecisionExperts(nn.Module):
+    """Routed experts quantized at per-expert bit widths (the expert-aware recipe of `convert`).
+
+    gather_qmm takes one bit width per stack, so the experts of each width form their own stack
+    (`bits4`, `bits2`, ...), experts in index order inside it. Every stack runs all of a step's
+    token-expert pairs (shapes stay static, nothing waits on the router) and keeps the outputs of
+    its own experts. Pairs of other stacks are pointed at an expert this stack already reads for
+    the step, so they cost arithmetic, not weight traffic, which is what decoding is bound by.
+    """
+
+    def __init__(self, dims: int, hidden: int, expert_bits: list[int]):
+        super().__init__()
+        self.widths = sorted(set(expert_bits), reverse=True)
+        order = sorted(range(len(expert_bits)), key=lambda e: (self.widths.index(expert_bits[e]), e))
+        position = [0] * len(expert_bits)
+        for p, e in enumerate(order):
+            position[e] = p
+        self._position = mx.array(position)  # expert index -> its row in the stacks laid end to end
+        self._ranges, start = [], 0
+        for b in self.widths:
+            count = expert_bits.count(b)
+            self[f"bits{b}"] = RoutedExperts(dims, hidden, count)
+            self._ranges.append((start, start + count))
+            start += count
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        # Sorting by position keeps each stack's pairs contiguous and its local indices sorted.
+        return dispatch(x, self._position[indices], self._run)
+
+    def _run(self, rows: mx.array, positions: mx.array, sorted_indices: bool) -> mx.array:
+        out = None
+        for b, (lo, hi) in zip(self.widths, self._ranges):
+            mine = (positions >= lo) & (positions < hi)
+            # Clamping to the stack's first and last used rows keeps real pairs as they are, keeps
+            # the order sorted, and sends other stacks' pairs to rows that are read anyway. With no
+            # pair in this stack, first > last and every pair goes to its row 0.
+            first = mx.where(mine, positions, hi).min()
+            last = mx.where(mine, positions, lo).max()
+            local = mx.minimum(mx.maximum(positions, first), last) - lo
+            y = self[f"bits{b}"].swiglu(rows, local, sorted_indices)
+            out = y if out is None else mx.where(mine[..., None, None], y, out)
+        return out
 
 
 class MoE(nn.Module):

@@ -9,7 +9,7 @@ from conftest import SHARED, rel_err, tokens
 
 from mlx_deepseek import ModelArgs, load_model
 from mlx_deepseek.mla import MLA
-from mlx_deepseek.moe import RoutedExperts
+from mlx_deepseek import moe
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_cost_rule_absorbs_for_decode_and_short_chunks_on_long_caches():
 def test_sorted_expert_dispatch_equals_unsorted(model, monkeypatch):
     toks = tokens(40, seed=9)
     unsorted = np.array(model(mx.array(toks)))  # 40 tokens x 3 experts = 120 pairs: sorted by default
-    monkeypatch.setattr(RoutedExperts, "sort_threshold", 10**9)
+    monkeypatch.setattr(moe, "SORT_THRESHOLD", 10**9)
     assert rel_err(np.array(model(mx.array(toks))), unsorted) < 1e-6
 
 
