@@ -15,6 +15,7 @@ from mlx_deepseek.config import ConfigError, ModelArgs
 from mlx_deepseek.layout import CheckpointError
 from mlx_deepseek.loading import MODEL_FILES, read_config, resolve_model_path
 
+from .expert_bits import expert_aware_bits, read_usage
 from .plan import make_plan
 from .recipes import Quant, Recipe, RecipeError
 from .sources import open_source
@@ -37,6 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--q-mode", default="affine", help="affine, mxfp4, nvfp4 or mxfp8")
     p.add_argument("--recipe", help="mixed precision by module kind: a name (mixed-3-6, ...) or rules "
                                     "like 'routed_experts=3,attention=6,embed=8'")
+    p.add_argument("--expert-usage", metavar="FILE",
+                   help="expert-aware bits: counts from python -m mlx_deepseek.calibrate; busy experts get more bits")
+    p.add_argument("--expert-bits", default="2,3,4", help="with --expert-usage: the widths experts may get")
+    p.add_argument("--target-bits", type=float, help="with --expert-usage: average bits per routed-expert weight, "
+                   "scales included (default: what the routed experts would get without --expert-usage)")
     p.add_argument("--dtype", choices=list(DTYPES), help="float dtype of what is not quantized (default: the source's)")
     p.add_argument("--drop-mtp", action="store_true", help="leave out the multi-token-prediction layer")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
@@ -68,6 +74,7 @@ def convert(args) -> int:
     default = Quant(args.q_bits, args.q_group_size or mode_group, args.q_mode) if args.quantize else None
     recipe = Recipe(default, args.recipe)
     dtype = DTYPES[args.dtype or _source_dtype(config)]
+    usage = _expert_aware(args, model_args, recipe, dtype) if args.expert_usage else None
 
     source = open_source(src, config)
     plan = make_plan(source, model_args, recipe, dtype, args.drop_mtp)
@@ -85,6 +92,8 @@ def convert(args) -> int:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": plan.nbytes}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(_output_config(config, plan, dtype, args.drop_mtp), indent=2))
+        if usage:
+            (tmp / "expert_usage.json").write_text(json.dumps(usage, indent=1))
         for side in SIDE_FILES:
             if (src / side).is_file():
                 shutil.copy2(src / side, tmp / side)
@@ -93,6 +102,22 @@ def convert(args) -> int:
     print(f"Wrote {dst}: {plan.nbytes / 1e9:.3f} GB in {len(shards)} shard(s), "
           f"{plan.nbytes * 8 / plan.parameters:.3f} bits per weight, {seconds:.1f} s")
     return 0
+
+
+def _expert_aware(args, model_args: ModelArgs, recipe: Recipe, dtype) -> dict:
+    """Set the recipe's per-expert bits; returns the usage file plus the choice, to keep beside the weights."""
+    try:
+        widths = [int(w) for w in args.expert_bits.split(",") if w.strip()]
+    except ValueError:
+        raise RecipeError(f"--expert-bits {args.expert_bits!r}: expected comma-separated integers like 2,3,4") from None
+    usage = read_usage(Path(args.expert_usage), model_args)
+    base = recipe(next(iter(usage["counts"])) + ".gate_proj")
+    recipe.expert_bits, target, achieved = expert_aware_bits(usage, base, widths, args.target_bits, dtype.size * 8)
+    flat = [b for bits in recipe.expert_bits.values() for b in bits]
+    spread = ", ".join(f"{flat.count(b)} at {b} bits" for b in sorted(set(flat), reverse=True))
+    print(f"Expert-aware bits: {spread}; {achieved:.3f} bits per routed-expert weight (target {target:.3f})")
+    return {**usage, "bits": recipe.expert_bits, "expert_widths": widths, "target_bits": target,
+            "routed_expert_bits_per_weight": achieved}
 
 
 def _source_dtype(config: dict) -> str:

@@ -52,6 +52,7 @@ class Job:
 @dataclass
 class Plan:
     jobs: list[Job] = field(default_factory=list)
+    expert_bits: dict[str, list[int]] = field(default_factory=dict)  # layers whose experts differ in bits
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +72,8 @@ class Plan:
         for module, q in quantized:
             if q != default:
                 config[module] = q.as_config()
+        for module, bits in self.expert_bits.items():
+            config[module] = {"expert_bits": bits}
         return config
 
 
@@ -92,7 +95,7 @@ def make_plan(source: Source, args: ModelArgs, recipe: Recipe, dtype: mx.Dtype, 
         names = [n for n in names if not is_mtp_tensor(n, args)]
     _check_against_config(source, names, args)
 
-    plan = Plan()
+    plan = Plan(expert_bits=recipe.expert_bits)
     experts: dict[str, list[tuple[int, str]]] = {}
     for name in names:
         m = EXPERT.match(name)
@@ -105,12 +108,27 @@ def make_plan(source: Source, args: ModelArgs, recipe: Recipe, dtype: mx.Dtype, 
             module = f"{m.group(1)}.switch_mlp.{m.group(3)}"
             if module in experts:  # the first expert of a stack brings the whole stack
                 parts = [n for _, n in sorted(experts.pop(module))]
-                plan.jobs.append(_matrix_job(source, module, parts, recipe(module), dtype, stacked=True))
+                plan.jobs.extend(_expert_jobs(source, f"{m.group(1)}.switch_mlp", m.group(3), parts, recipe, dtype))
         elif name.endswith("self_attn.kv_b_proj.weight") and args.family == "deepseek_v3":
             plan.jobs.extend(_split_kv_b_jobs(source, name, args, recipe, dtype))
         else:
             plan.jobs.append(_tensor_job(source, name, recipe, dtype))
     return plan
+
+
+def _expert_jobs(source: Source, switch_mlp: str, proj: str, parts: list[str], recipe: Recipe,
+                 dtype: mx.Dtype) -> list[Job]:
+    """One stack of all experts, or with per-expert bits one stack per width (widest first)."""
+    bits = recipe.expert_bits.get(switch_mlp)
+    if bits is None:
+        module = f"{switch_mlp}.{proj}"
+        return [_matrix_job(source, module, parts, recipe(module), dtype, stacked=True)]
+    jobs = []
+    for b in sorted(set(bits), reverse=True):
+        module = f"{switch_mlp}.bits{b}.{proj}"
+        chosen = [p for p, e_bits in zip(parts, bits) if e_bits == b]
+        jobs.append(_matrix_job(source, module, chosen, recipe(module), dtype, stacked=True))
+    return jobs
 
 
 def _natural(name: str):

@@ -14,12 +14,15 @@ import mlx.core as mx
 MODES = {"affine": (None, (2, 3, 4, 5, 6, 8)), "mxfp4": (32, (4,)), "nvfp4": (16, (4,)), "mxfp8": (32, (8,))}
 GROUP_SIZES = (32, 64, 128)
 
+# A stack of the experts quantized at one width (the expert-aware recipe).
+WIDTH_STACK = re.compile(r"\.switch_mlp\.bits(\d+)\.")
+
 # Module kinds, from the output module path. Routers, norms and the correction bias are never quantized.
 KINDS = {
     "embed": re.compile(r"(^|\.)embed_tokens$"),
     "head": re.compile(r"(^lm_head|shared_head\.head)$"),
     "attention": re.compile(r"\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|embed_q|unembed_out|o_proj)$"),
-    "routed_experts": re.compile(r"\.mlp\.switch_mlp\.(gate_proj|up_proj|down_proj)$"),
+    "routed_experts": re.compile(r"\.mlp\.switch_mlp\.(bits\d+\.)?(gate_proj|up_proj|down_proj)$"),
     "shared_experts": re.compile(r"\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)$"),
     "dense_mlp": re.compile(r"\.mlp\.(gate_proj|up_proj|down_proj)$"),
     "mtp_projection": re.compile(r"\.eh_proj$"),
@@ -76,11 +79,16 @@ def kind_of(module: str) -> Optional[str]:
 
 
 class Recipe:
-    """module path -> Quant or None (kept in the output dtype)."""
+    """module path -> Quant or None (kept in the output dtype).
+
+    `expert_bits` ({"model.layers.L.mlp.switch_mlp": bits per expert}) splits those layers' experts
+    into one stack per width, `switch_mlp.bits{B}.*`, with the routed experts' group size and mode.
+    """
 
     def __init__(self, default: Optional[Quant], spec: Optional[str] = None):
         self.default = default.validate("--q-bits/--q-group-size/--q-mode") if default else None
         self.rules: dict[str, Optional[Quant]] = {}
+        self.expert_bits: dict[str, list[int]] = {}
         if spec:
             self._parse(RECIPES.get(spec, spec))
 
@@ -108,6 +116,10 @@ class Recipe:
             self.rules[kind] = q.validate(f"--recipe {kind}")
 
     def __call__(self, module: str) -> Optional[Quant]:
+        stack = WIDTH_STACK.search(module)
+        if stack:
+            base = self(module[: stack.start()] + ".switch_mlp." + module[stack.end():])
+            return Quant(int(stack.group(1)), base.group_size, base.mode)
         kind = kind_of(module)
         if kind is None:
             return None
