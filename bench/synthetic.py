@@ -82,17 +82,20 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple]:
 
 
 def build(name: str, layers: int, experts: int | None = None, vocab: int | None = None,
-          dense_layers: int | None = None) -> Path:
-    """The folder of a synthetic checkpoint (cached under bench/.cache)."""
+          dense_layers: int | None = None, float32: bool = False) -> Path:
+    """The folder of a synthetic checkpoint (cached under bench/.cache); bf16 unless `float32`
+    (what runs fast on a CPU)."""
     config = scaled_config(name, layers, experts, vocab, dense_layers)
+    weight_dtype = mx.float32 if float32 else mx.bfloat16
+    config["torch_dtype"] = "float32" if float32 else "bfloat16"
     folder = CACHE / (f"{name}-{layers}L-{config['first_k_dense_replace']}D-{config['n_routed_experts']}E-"
-                      f"{config['vocab_size']}V")
+                      f"{config['vocab_size']}V" + ("-f32" if float32 else ""))
     if (folder / "config.json").exists():
         return folder
     args = ModelArgs.from_dict(config)
     plan = Plan()
     for i, (tensor, shape) in enumerate(hf_shapes(args).items()):
-        dtype = mx.float32 if tensor.endswith("e_score_correction_bias") else mx.bfloat16
+        dtype = mx.float32 if tensor.endswith("e_score_correction_bias") else weight_dtype
         ones = tensor.endswith("norm.weight")
 
         def produce(shape=shape, dtype=dtype, ones=ones, seed=i):

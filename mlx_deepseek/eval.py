@@ -5,8 +5,9 @@ tokens, the mean and max KL divergence KL(reference || model) of next-token dist
 agreement, and the share of positions where the greedy choice flips between right and wrong;
 the size on disk, bits per weight, peak memory and prefill / decode speed. `--kv-bits` measures
 a quantized latent cache instead (the reference then runs the same model with the plain cache).
-`--sweep SRC --recipes "4;3;mixed-3-6"` converts SRC with each recipe and evaluates each against
-SRC itself: a markdown table, a CSV and a plot of KL against bits per weight.
+`--sweep SRC --recipes "4;3;mixed-3-6;3+usage"` converts SRC with each recipe and evaluates each
+against SRC itself: a markdown table, a CSV and a plot of KL against bits per weight. `+usage`
+entries use expert-aware bits counted on `--calibration` text.
 """
 
 from __future__ import annotations
@@ -151,21 +152,42 @@ def evaluate(model_path, reference_path, data: str, window: int, limit: Optional
                                                                    kv_group_size=kv_group_size)}
 
 
-def sweep(source: str, recipes: list[str], out: Path, data: str, window: int, limit, batch: int) -> list[dict]:
+def sweep(source: str, recipes: list[str], out: Path, data: str, window: int, limit, batch: int,
+          calibration: Optional[str] = None) -> list[dict]:
     from convert.cli import main as convert
 
+    usage = out / "expert_usage.json"
+    if any("+usage" in r for r in recipes) and not usage.exists():
+        if calibration is None:
+            raise CheckpointError("--sweep: recipes with +usage need --calibration DATA (text other than --data, "
+                                  "or the measurement rewards fitting the test text)")
+        from .calibrate import calibrate
+
+        out.mkdir(parents=True, exist_ok=True)
+        usage.write_text(json.dumps(calibrate(source, calibration, window, None, batch)))  # all of it
     rows = []
     for recipe in recipes:
-        folder = out / recipe.replace("/", "_").replace(",", "+").replace("=", "")
+        folder = out / recipe.replace("/", "_").replace(",", "+").replace("=", "").replace(":", "_")
         if not (folder / "config.json").exists():
-            flags = ["-q", "--q-bits", recipe] if recipe.isdigit() else (
-                ["-q", "--q-mode", recipe] if recipe in ("mxfp4", "nvfp4", "mxfp8") else ["-q", "--recipe", recipe])
-            if recipe == "mxfp8":
-                flags += ["--q-bits", "8"]
-            if convert(["--hf-path", source, "--mlx-path", str(folder), *flags]) != 0:
+            if convert(["--hf-path", source, "--mlx-path", str(folder), *_convert_flags(recipe, usage)]) != 0:
                 raise CheckpointError(f"--sweep: converting {source} with {recipe!r} failed (see above)")
         rows.append({"recipe": recipe, **evaluate(folder, source, data, window, limit, batch)})
     return rows
+
+
+def _convert_flags(recipe: str, usage: Path) -> list[str]:
+    """A sweep entry -> converter flags: bits ("3"), an mx mode, a recipe, each optionally followed by
+    "+usage" (expert-aware bits from the calibration) and ":WIDTHS" ("3+usage:2,4")."""
+    base, aware, widths = recipe.partition("+usage")
+    if base.isdigit():
+        flags = ["-q", "--q-bits", base]
+    elif base in ("mxfp4", "nvfp4", "mxfp8"):
+        flags = ["-q", "--q-mode", base] + (["--q-bits", "8"] if base == "mxfp8" else [])
+    else:
+        flags = ["-q", "--recipe", base]
+    if aware:
+        flags += ["--expert-usage", str(usage)] + (["--expert-bits", widths[1:]] if widths else [])
+    return flags
 
 
 def write_table(rows: list[dict], out: Path) -> str:
@@ -213,13 +235,17 @@ def main(argv=None) -> int:
     p.add_argument("--kv-bits", type=int, choices=(4, 8), help="evaluate a quantized latent cache")
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--sweep", metavar="SRC", help="convert SRC with each of --recipes and evaluate each")
-    p.add_argument("--recipes", default="8;6;4;3;mixed-3-6", help="';'-separated: bits, an mx mode, a recipe")
+    p.add_argument("--recipes", default="8;6;4;3;mixed-3-6",
+                   help="';'-separated: bits, an mx mode or a recipe, each optionally with +usage[:WIDTHS] "
+                        "(expert-aware bits; needs --calibration)")
+    p.add_argument("--calibration", help="with +usage recipes: text to count expert choices on (not --data)")
     p.add_argument("--out", default="eval-sweep", help="where --sweep writes models and tables")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     try:
         if a.sweep:
-            rows = sweep(a.sweep, [r for r in a.recipes.split(";") if r], Path(a.out), a.data, a.window, a.windows, a.batch)
+            rows = sweep(a.sweep, [r for r in a.recipes.split(";") if r], Path(a.out), a.data, a.window, a.windows,
+                         a.batch, a.calibration)
             print(write_table(rows, Path(a.out)))
             result = rows
         else:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, mtp, plots, runtime
+from bench import convert_memory, mtp, plots, quantization, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +31,10 @@ def test_conversion_benchmark_runs(results):
     rows = json.loads((results / "convert_memory.json").read_text())["rows"]
     assert {r["tool"] for r in rows} == {"mlx-deepseek", "mlx-lm"} and all(r["peak_rss_gb"] > 0 for r in rows)
     assert plots.main() == 0
+
+
+def test_quantization_benchmark_runs(results):
+    assert quantization.main(["--profile", "quick", "--recipes", "4;3+usage"]) == 0
+    rows = json.loads((results / "quantization-quick/quantization.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["4", "3+usage"] and all(r["kl_mean"] > 0 for r in rows)
+    assert (results / "quantization-quick/3+usage/expert_usage.json").exists()

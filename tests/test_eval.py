@@ -4,6 +4,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import SHARED
 
@@ -51,9 +52,15 @@ def test_bad_data_is_refused(tmp_path, capsys):
 
 def test_sweep_writes_a_table_csv_and_plot(tmp_path):
     out = tmp_path / "sweep"
-    assert eval_main(["--sweep", str(TINYSEEK), "--recipes", "8;3", "--out", str(out), "--data", VAL,
-                      "--window", "128", "--windows", "4", "--json", str(tmp_path / "r.json")]) == 0
+    calibration = tmp_path / "calibration.npy"
+    np.save(calibration, np.load(VAL)[-4000:])  # not the evaluated text
+    assert eval_main(["--sweep", str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
+                      "--calibration", str(calibration), "--window", "128", "--windows", "4",
+                      "--json", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["recipe"] for r in rows] == ["8", "3"]
+    assert [r["recipe"] for r in rows] == ["8", "3", "3+usage:2,4"]
     assert rows[0]["kl_mean"] < rows[1]["kl_mean"] and rows[0]["bits_per_weight"] > rows[1]["bits_per_weight"]
+    # expert-aware at the 3-bit budget: no larger than uniform 3-bit, its choice kept beside the weights
+    assert rows[2]["bits_per_weight"] <= rows[1]["bits_per_weight"] + 1e-9
+    assert json.loads((out / "3+usage_2+4/expert_usage.json").read_text())["expert_widths"] == [2, 4]
     assert (out / "sweep.md").exists() and (out / "sweep.csv").exists() and (out / "sweep.png").exists()
