@@ -2,7 +2,8 @@
 
 Reports perplexity on fixed-length windows of the text; against a reference model on the same
 tokens, the mean and max KL divergence KL(reference || model) of next-token distributions, top-1
-agreement, and the share of positions where the greedy choice flips between right and wrong;
+agreement, and the share of positions where the greedy choice flips between right and wrong
+(KL also by context length: positions 1-64, 65-256, ... of each window);
 the size on disk, bits per weight, peak memory and prefill / decode speed. `--kv-bits` measures
 a quantized latent cache instead (the reference then runs the same model with the plain cache).
 `--sweep SRC --recipes "4;3;mixed-3-6;3+usage"` converts SRC with each recipe and evaluates each
@@ -35,6 +36,16 @@ class Quality:
     kl_max: Optional[float] = None
     top1_agreement: Optional[float] = None
     greedy_flips: Optional[float] = None
+    kl_by_context: Optional[dict] = None  # mean KL of the positions in each range of context length
+
+
+# Context ranges for `kl_by_context`: a quantized cache's error grows with what it holds.
+CONTEXT_EDGES = (64, 256, 1024, 4096, 16384, 65536)
+
+
+def _context_buckets(length: int) -> list[tuple[str, int, int]]:
+    edges = [0] + [e for e in CONTEXT_EDGES if e < length] + [length]
+    return [(f"{lo + 1}-{hi}", lo, hi) for lo, hi in zip(edges, edges[1:])]
 
 
 def read_tokens(tokenizer, data: str) -> np.ndarray:
@@ -79,6 +90,8 @@ def quality(model, batches: np.ndarray, reference=None, batch_size: int = 4, kv_
 
     nll = kl_sum = kl_max = agree = flips = 0.0
     count = 0
+    buckets = _context_buckets(batches.shape[1] - 1)
+    kl_context = np.zeros(len(buckets))
     for start in tqdm(range(0, len(batches), batch_size), desc="windows", unit="batch", disable=not progress):
         chunk = mx.array(batches[start : start + batch_size])
         x, target = chunk[:, :-1], chunk[:, 1:]
@@ -89,6 +102,7 @@ def quality(model, batches: np.ndarray, reference=None, batch_size: int = 4, kv_
             ref = _log_probs(reference, x, None, kv_group_size)
             kl = (mx.exp(ref) * (ref - lp)).sum(axis=-1)
             kl_sum += kl.sum().item()
+            kl_context += [kl[:, lo:hi].sum().item() for _, lo, hi in buckets]
             kl_max = max(kl_max, kl.max().item())
             ours, theirs = lp.argmax(-1), ref.argmax(-1)
             agree += (ours == theirs).sum().item()
@@ -97,6 +111,8 @@ def quality(model, batches: np.ndarray, reference=None, batch_size: int = 4, kv_
     if reference is not None:
         result.kl_mean, result.kl_max = kl_sum / count, kl_max
         result.top1_agreement, result.greedy_flips = agree / count, flips / count
+        result.kl_by_context = {name: total / (len(batches) * (hi - lo))
+                                for (name, lo, hi), total in zip(buckets, kl_context)}
     return result
 
 
@@ -253,6 +269,8 @@ def main(argv=None) -> int:
                 p.error("--model is required (or --sweep SRC)")
             result = evaluate(a.model, a.reference, a.data, a.window, a.windows, a.batch, a.kv_bits, a.kv_group_size)
             for k, v in result.items():
+                if isinstance(v, dict):
+                    v = "  ".join(f"{name}: {x:.4g}" for name, x in v.items())
                 print(f"{k:>16}: {v:.6g}" if isinstance(v, float) else f"{k:>16}: {v}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,9 @@ def test_a_uniform_model_has_the_vocabulary_size_as_perplexity(checkpoint, tmp_p
 def test_a_quantized_cache_is_measured_against_the_plain_one():
     r = evaluate(TINYSEEK, None, VAL, window=128, limit=4, batch=2, kv_bits=8, kv_group_size=32, progress=False)
     assert 0 < r["kl_mean"] < 0.01 and r["top1_agreement"] > 0.95
+    by_context = r["kl_by_context"]  # positions 1-64 and 65-128 of each window, equal shares
+    assert list(by_context) == ["1-64", "65-128"]
+    assert (by_context["1-64"] + by_context["65-128"]) / 2 == pytest.approx(r["kl_mean"], rel=1e-6)
 
 
 def test_different_vocabularies_are_refused(checkpoint, capsys):
