@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, mtp, plots, quantization, runtime
+from bench import convert_memory, latent_cache, mtp, plots, quantization, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +38,10 @@ def test_quantization_benchmark_runs(results):
     rows = json.loads((results / "quantization-quick/quantization.json").read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["4", "3+usage"] and all(r["kl_mean"] > 0 for r in rows)
     assert (results / "quantization-quick/3+usage/expert_usage.json").exists()
+
+
+def test_latent_cache_benchmark_runs(results):
+    assert latent_cache.main(["--window", "32", "--windows", "2"]) == 0
+    rows = json.loads((results / "latent_cache.json").read_text())["rows"]
+    assert [r["v3_bytes_per_token_layer"] for r in rows] == [672, 612, 416, 324]
+    assert all(r["kl_mean"] > 0 for r in rows)
