@@ -209,9 +209,6 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     distributed = mx.distributed.is_available() and mx.distributed.init().size() > 1
-    if distributed and args.kv_bits:
-        print("error: --kv-bits does not work across a pipeline of Macs yet", file=sys.stderr)
-        return 2
     try:
         folder = resolve_model_path(args.model)
         if distributed:  # started by mlx.launch: this rank holds a slice of the layers

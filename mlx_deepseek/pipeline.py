@@ -203,10 +203,9 @@ class PipelineModel:
         return self.stage.parameters()
 
     def make_cache(self, kv_bits=None, kv_group_size: int = 64) -> list:
-        if kv_bits:
-            raise ValueError("a quantized latent cache is not supported across a pipeline yet")
-        self.send_ring(_header(RESET))
-        return [make_latent_cache() for _ in self.stage.layers] + [RemoteCache(self)]
+        """Fresh caches on every rank, plain or quantized (the other ranks make theirs on RESET)."""
+        self.send_ring(_header(RESET, kv_bits or 0, kv_group_size))
+        return [make_latent_cache(kv_bits, kv_group_size) for _ in self.stage.layers] + [RemoteCache(self)]
 
     def send_ring(self, header: mx.array) -> None:
         mx.eval(mx.distributed.send(header, 1, group=self.group))
@@ -261,8 +260,8 @@ class Worker:
                 for c in cache:
                     c.trim(a)
                 continue
-            if cmd == RESET:
-                cache = [make_latent_cache() for _ in stage.layers]
+            if cmd == RESET:  # a: kv_bits (0: plain), b: kv_group_size
+                cache = [make_latent_cache(a or None, b) for _ in stage.layers]
                 continue
             with deadline(self.timeout, f"waiting for rank {rank - 1}'s activations"):
                 h = mx.distributed.recv((a, b, D), DTYPES[dtype], rank - 1, group=self.group)

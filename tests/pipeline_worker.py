@@ -1,5 +1,6 @@
 """Run by tests/test_pipeline.py under `mlx.launch -n 2 --backend ring`: every rank loads its slice;
-rank 0 computes logits and a two-turn greedy conversation (with MTP drafting if asked); each rank
+rank 0 computes logits and a two-turn greedy conversation (with MTP drafting, or a 4-bit latent
+cache, if asked); each rank
 reports what it loaded."""
 
 import json
@@ -14,6 +15,7 @@ from mlx_deepseek.pipeline import pipeline
 
 folder, out = sys.argv[1], sys.argv[2]
 mtp = "--mtp" in sys.argv
+kv_bits = 4 if "--kv-bits-4" in sys.argv else None
 model, tokenizer = pipeline(folder, timeout=60, mtp=mtp)
 stage = model.stage
 report = {"rank": mx.distributed.init().rank(), "layers": [stage.span.start, stage.span.stop],
@@ -23,7 +25,7 @@ if tokenizer is None:
 else:
     prompt = list(range(3, 40))
     report["logits"] = np.array(model(mx.array([prompt]))).tolist()
-    conversation = PromptCache(model)
+    conversation = PromptCache(model, kv_bits=kv_bits, kv_group_size=32)
     first = list(stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation, mtp=mtp))
     second_prompt = prompt + [r.token for r in first] + list(range(50, 60))
     turn = list(stream_generate(model, tokenizer, second_prompt, max_tokens=24, prompt_cache=conversation, mtp=mtp))

@@ -77,6 +77,20 @@ def test_mtp_drafting_across_the_pipeline_changes_nothing_but_the_steps(tmp_path
     assert 0 < r0["main_steps"] < 24
 
 
+def test_a_quantized_cache_across_the_pipeline_equals_one_process(checkpoint, tmp_path):
+    folder = checkpoint("v3", num_hidden_layers=4)
+    proc = launch(folder, tmp_path / "q", "--kv-bits-4", port=5630)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "q.rank0.json").read_text())
+    model, tokenizer = load(folder)
+    prompt = list(range(3, 40))
+    conversation = PromptCache(model, kv_bits=4, kv_group_size=32)
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
+    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
+                                               max_tokens=24, prompt_cache=conversation)]
+    assert r0["first"] == first and r0["second"] == second
+
+
 def test_split_by_bytes_and_by_count():
     assert [list(r) for r in split_layers([10, 10, 10, 10], 0, 2)] == [[0, 1], [2, 3]]
     assert [list(r) for r in split_layers([1, 30, 30, 30], 40, 2)] == [[0, 1], [2, 3]]
