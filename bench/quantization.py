@@ -26,12 +26,24 @@ import numpy as np
 
 from bench.common import machine
 from bench.synthetic import TINYSEEK, build, results_dir
+from mlx_deepseek.calibrate import calibrate
 from mlx_deepseek.eval import sweep, write_table
 
 # profile: (synthetic shape or None for tinyseek, window, windows, calibration windows, real text)
 PROFILES = {"cpu": (("DeepSeek-V2-Lite", 3, 16, 4096, 1), 128, 2, 8, False),
             "tinyseek": (None, 256, 8, 64, True), "quick": (None, 32, 2, 8, True)}
 RECIPES = "8;6;4;3;2;mixed-3-6;mxfp4;3+usage;3+usage:2,4"
+
+
+def calibration_drift(out, calibration: str, window: int) -> dict:
+    """How far expert counts taken on the 4-bit conversion are from the original model's (the
+    calibration can run on a conversion when the original does not fit)."""
+    original = json.loads((out / "expert_usage.json").read_text())["counts"]
+    quantized = calibrate(out / "4", calibration, window, None, 2, progress=False)["counts"]
+    a = np.concatenate([original[k] for k in original]).astype(float)
+    b = np.concatenate([quantized[k] for k in original]).astype(float)
+    return {"correlation": float(np.corrcoef(a, b)[0, 1]),
+            "picks_moved": float(np.abs(a - b).sum() / 2 / a.sum())}  # each moved pick leaves one expert, joins another
 
 
 def main(argv=None) -> int:
@@ -56,9 +68,14 @@ def main(argv=None) -> int:
     np.save(calibration, calibrating)
     rows = sweep(str(source), [r for r in a.recipes.split(";") if r], out, str(data), window, windows, batch=2,
                  calibration=str(calibration))
+    drift = None
+    if "4" in a.recipes.split(";") and (out / "expert_usage.json").exists():
+        drift = calibration_drift(out, str(calibration), window)
+        print("Expert counts on the 4-bit conversion against the original's:", drift)
     print(f"{source.name}: {windows} windows of {window} {'validation' if text else 'random'} tokens; {machine()}")
     print(write_table(rows, out))
-    (out / "quantization.json").write_text(json.dumps({"machine": machine(), "source": source.name, "rows": rows}, indent=2))
+    (out / "quantization.json").write_text(json.dumps({"machine": machine(), "source": source.name, "rows": rows,
+                                                          "calibrated_on_4bit": drift}, indent=2))
     return 0
 
 
