@@ -73,7 +73,8 @@ class Plan:
             if q != default:
                 config[module] = q.as_config()
         for module, bits in self.expert_bits.items():
-            config[module] = {"expert_bits": bits}
+            if len(set(bits)) > 1:
+                config[module] = {"expert_bits": bits}
         return config
 
 
@@ -118,11 +119,13 @@ def make_plan(source: Source, args: ModelArgs, recipe: Recipe, dtype: mx.Dtype, 
 
 def _expert_jobs(source: Source, switch_mlp: str, proj: str, parts: list[str], recipe: Recipe,
                  dtype: mx.Dtype) -> list[Job]:
-    """One stack of all experts, or with per-expert bits one stack per width (widest first)."""
+    """One stack of all experts, or with per-expert bits one stack per width (widest first). A layer
+    whose experts all got one width stays one plain stack, in the layout mlx-lm reads."""
     bits = recipe.expert_bits.get(switch_mlp)
-    if bits is None:
+    if bits is None or len(set(bits)) == 1:
         module = f"{switch_mlp}.{proj}"
-        return [_matrix_job(source, module, parts, recipe(module), dtype, stacked=True)]
+        q = recipe(module if bits is None else f"{switch_mlp}.bits{bits[0]}.{proj}")
+        return [_matrix_job(source, module, parts, q, dtype, stacked=True)]
     jobs = []
     for b in sorted(set(bits), reverse=True):
         module = f"{switch_mlp}.bits{b}.{proj}"

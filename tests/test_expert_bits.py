@@ -97,6 +97,9 @@ def test_expert_aware_model_equals_the_reference_on_its_dequantized_weights(chec
     assert {b for layer in bits.values() for b in layer} == {2, 3, 4}
     config = json.loads((out / "config.json").read_text())["quantization"]
     assert config["model.layers.1.mlp.switch_mlp"] == {"expert_bits": bits["model.layers.1.mlp.switch_mlp"]}
+    assert set(bits["model.layers.2.mlp.switch_mlp"]) == {3}  # even use: one width, one plain stack
+    assert "model.layers.2.mlp.switch_mlp" not in config
+    assert config["model.layers.2.mlp.switch_mlp.gate_proj"]["bits"] == 3
 
     def bits_of(name):
         parts = name.split(".")
@@ -109,6 +112,7 @@ def test_expert_aware_model_equals_the_reference_on_its_dequantized_weights(chec
     assert rel_err(ours(out, toks), reference) < 1e-4
 
     model = load_model(out)  # one token at a time: the unsorted (decode) dispatch
+    assert type(model.layers[2].mlp.switch_mlp).__name__ == "RoutedExperts"
     cache = model.make_cache()
     steps = [model(mx.array(toks[:, :1]), cache=cache)]
     steps += [model(mx.array(toks[:, i : i + 1]), cache=cache) for i in range(1, toks.shape[1])]
@@ -140,3 +144,16 @@ def test_a_file_that_is_not_a_usage_file_is_refused(checkpoint, tmp_path, capsys
     (tmp_path / "usage.json").write_text(json.dumps({"counts": SKEWED}))
     assert convert(checkpoint("v3"), tmp_path / "out", "-q", "--expert-usage", str(tmp_path / "usage.json")) == 1
     assert "not an expert-usage file" in capsys.readouterr().err
+
+
+def test_even_use_gives_plain_stacks_that_mlx_lm_loads(checkpoint, tmp_path):
+    import mlx_lm
+
+    src = checkpoint("v3", **ALIGNED)
+    even = {layer: [50] * 16 for layer in SKEWED}
+    assert convert(src, tmp_path / "out", "-q", "--q-group-size", "32",
+                   "--expert-usage", str(usage_file(tmp_path / "usage.json", even))) == 0
+    assert "expert_bits" not in (tmp_path / "out/config.json").read_text()
+    toks = tokens(16)
+    theirs, _ = mlx_lm.load(str(tmp_path / "out"))
+    assert rel_err(ours(tmp_path / "out", toks), np.array(theirs(mx.array(toks)))) < 1e-5
