@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -187,8 +188,24 @@ def sweep(source: str, recipes: list[str], out: Path, data: str, window: int, li
         if not (folder / "config.json").exists():
             if convert(["--hf-path", source, "--mlx-path", str(folder), *_convert_flags(recipe, usage)]) != 0:
                 raise CheckpointError(f"--sweep: converting {source} with {recipe!r} failed (see above)")
-        rows.append({"recipe": recipe, **evaluate(folder, source, data, window, limit, batch)})
+        # A sweep that stopped half-way resumes: results measured on the same tokens are kept.
+        setting = {"source": str(source), "data": _digest(data), "window": window, "windows": limit}
+        done = folder / "eval.json"
+        kept = json.loads(done.read_text()) if done.exists() else {}
+        if kept.get("setting") != setting:
+            kept = {"setting": setting, "result": evaluate(folder, source, data, window, limit, batch)}
+            done.write_text(json.dumps(kept, indent=1))
+        rows.append({"recipe": recipe, **kept["result"]})
     return rows
+
+
+def _digest(data: str) -> str:
+    """What identifies the evaluated tokens: the file's bytes, or the text."""
+    try:
+        content = Path(data).read_bytes() if Path(data).is_file() else data.encode()
+    except OSError:
+        content = data.encode()
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def _convert_flags(recipe: str, usage: Path) -> list[str]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
+from mlx_deepseek import eval as eval_module
 from mlx_deepseek.eval import main as eval_main
 from mlx_deepseek.eval import evaluate
 
@@ -53,7 +54,7 @@ def test_bad_data_is_refused(tmp_path, capsys):
     assert "shorter than one window" in capsys.readouterr().err
 
 
-def test_sweep_writes_a_table_csv_and_plot(tmp_path):
+def test_sweep_writes_a_table_csv_and_plot_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     calibration = tmp_path / "calibration.npy"
     np.save(calibration, np.load(VAL)[-4000:])  # not the evaluated text
@@ -67,3 +68,10 @@ def test_sweep_writes_a_table_csv_and_plot(tmp_path):
     assert rows[2]["bits_per_weight"] <= rows[1]["bits_per_weight"] + 1e-9
     assert json.loads((out / "3+usage_2+4/expert_usage.json").read_text())["expert_widths"] == [2, 4]
     assert (out / "sweep.md").exists() and (out / "sweep.csv").exists() and (out / "sweep.png").exists()
+
+    # run again (as after an interruption): nothing is converted or evaluated twice
+    monkeypatch.setattr(eval_module, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    assert eval_main(["--sweep", str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
+                      "--calibration", str(calibration), "--window", "128", "--windows", "4",
+                      "--json", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text()) == rows
