@@ -6,7 +6,7 @@ should be quantized too:
 On shared/models/tinyseek-py (trained; float32 here, the CPU's fast dtype) and its validation
 text, each cache is compared with the plain cache on the same model: mean KL by position range,
 top-1 agreement, greedy flips. Bytes per token and layer are for DeepSeek-V3's shapes in bf16
-(kv_lora_rank 512, RoPE key 64). The "+ RoPE key" rows quantize the RoPE key in groups of its
+(kv_lora_rank 512, RoPE key 64); the plain cache holds the model dtype. The "+ RoPE key" rows quantize the RoPE key in groups of its
 full width (simulated: quantized and dequantized on the way in, which yields exactly the values
 a quantized store would return); the runtime keeps it in the model dtype, and this shows why.
 """
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     contexts = list(rows[0]["kl_by_context"])
     header = ["cache", "V3 bytes/token/layer", "mean KL"] + [f"KL at {c}" for c in contexts] + ["top-1", "flips"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines.append(f"| plain (bf16) | {v3_bytes(None, None)} | 0 |" + " 0 |" * len(contexts) + " 1 | 0 |")
+    lines.append(f"| plain | {v3_bytes(None, None)} | 0 |" + " 0 |" * len(contexts) + " 1 | 0 |")
     for r in rows:
         lines.append(f"| {r['cache']} | {r['v3_bytes_per_token_layer']} | {r['kl_mean']:.5f} | "
                      + " | ".join(f"{r['kl_by_context'][c]:.5f}" for c in contexts)

@@ -161,7 +161,8 @@ class MixedPrecisionExperts(nn.Module):
     (`bits4`, `bits2`, ...), experts in index order inside it. Every stack runs all of a step's
     token-expert pairs (shapes stay static, nothing waits on the router) and keeps the outputs of
     its own experts. Pairs of other stacks are pointed at an expert this stack already reads for
-    the step, so they cost arithmetic, not weight traffic, which is what decoding is bound by.
+    the step, so they cost arithmetic and re-reads of weights likely still in cache, not fetches
+    of other experts (decoding is bound by weight traffic).
     """
 
     def __init__(self, dims: int, hidden: int, expert_bits: list[int]):
