@@ -6,9 +6,10 @@ should be quantized too:
 On shared/models/tinyseek-py (trained; float32 here, the CPU's fast dtype) and its validation
 text, each cache is compared with the plain cache on the same model: mean KL by position range,
 top-1 agreement, greedy flips. Bytes per token and layer are for DeepSeek-V3's shapes in bf16
-(kv_lora_rank 512, RoPE key 64); the plain cache holds the model dtype. The "+ RoPE key" rows quantize the RoPE key in groups of its
-full width (simulated: quantized and dequantized on the way in, which yields exactly the values
-a quantized store would return); the runtime keeps it in the model dtype, and this shows why.
+(kv_lora_rank 512, RoPE key 64); the plain cache holds the model dtype. The "+ RoPE key" rows
+quantize the RoPE key in groups of its full width (simulated: quantized and dequantized on the
+way in, which yields exactly the values a quantized store would return); the runtime keeps it in
+the model dtype, and this shows why.
 """
 
 from __future__ import annotations
