@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, latent_cache, mtp, plots, quantization, runtime
+from bench import convert_memory, latent_cache, mixed_experts, mtp, plots, quantization, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +45,9 @@ def test_latent_cache_benchmark_runs(results):
     rows = json.loads((results / "latent_cache.json").read_text())["rows"]
     assert [r["v3_bytes_per_token_layer"] for r in rows] == [672, 612, 416, 324]
     assert all(r["kl_mean"] > 0 for r in rows)
+
+
+def test_mixed_experts_benchmark_runs(results):
+    assert mixed_experts.main(["--small", "--reps", "2"]) == 0
+    rows = json.loads((results / "mixed_experts.json").read_text())["rows"]
+    assert [r["bits_per_expert_weight"] for r in rows] == [3.0, 3.0, 3.0] and all(r["decode_ms"] > 0 for r in rows)
