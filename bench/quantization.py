@@ -79,7 +79,7 @@ PROFILES = {"cpu": Profile(("DeepSeek-V2-Lite", 3, 16, 4096, 1), 128, 2, random_
             "tinyseek": Profile(None, 256, 8, validation_text, 7),
             "narrow": Profile(None, 256, 16, charmap_codecs, 7),
             "quick": Profile(None, 32, 2, validation_text, 2)}
-RECIPES = {"narrow": "4;3;3+usage;3+usage:2,4;3+usage:3,4"}
+RECIPES = {"narrow": "4;3;3+usage;3+usage:2,4"}
 DEFAULT_RECIPES = "8;6;4;3;2;mixed-3-6;mxfp4;3+usage;3+usage:2,4"
 
 
