@@ -179,6 +179,18 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
     """
     folder = resolve_model_path(path_or_repo)
+    args, defaults, quant_params, weights = read_model_folder(folder, mtp)
+    model = Model(args, mtp=mtp)
+    install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def read_model_folder(folder: Path, mtp: bool = False):
+    """(args, quantization defaults, per-module quantization lookup, tensors in our module layout)
+    of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked)."""
     config = read_config(folder)
     try:
         args = ModelArgs.from_dict(config)
@@ -188,12 +200,7 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
     if mtp:
         share_mtp_copies(weights, folder, args)
-    model = Model(args, mtp=mtp)
-    install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
-    if not lazy:
-        mx.eval(model.parameters())
-    model.eval()
-    return model
+    return args, defaults, quant_params, weights
 
 
 def install_weights(module: nn.Module, weights: dict, defaults, quant_params, where,

@@ -33,9 +33,9 @@ import mlx.nn as nn
 
 from .config import ModelArgs
 from .cache import make_latent_cache
-from .layout import LAYER, CheckpointError, to_model_layout
-from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, quantization_of, read_config,
-                      read_weights, resolve_model_path, share_mtp_copies, tensor_headers)
+from .layout import LAYER, CheckpointError
+from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, read_config, read_model_folder,
+                      resolve_model_path, tensor_headers)
 from .model import DecoderLayer
 
 FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
@@ -119,13 +119,8 @@ def model_name(local: str, span: range) -> str:
 def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stage:
     """Build a stage and read only its own tensors (the others are never loaded). With `mtp`,
     rank 0's stage also holds the MTP layer."""
-    config = read_config(folder)
-    args = ModelArgs.from_dict(config)
-    defaults, quant_params = quantization_of(config, args)
     mtp = mtp and span.start == 0
-    mapped = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
-    if mtp:
-        share_mtp_copies(mapped, folder, args)
+    args, defaults, quant_params, mapped = read_model_folder(folder, mtp)
     weights = {}
     for name, value in mapped.items():
         local = stage_name(name, span)
