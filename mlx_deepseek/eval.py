@@ -182,14 +182,14 @@ def sweep(source: str, recipes: list[str], out: Path, data: str, window: int, li
 
         out.mkdir(parents=True, exist_ok=True)
         usage.write_text(json.dumps(calibrate(source, calibration, window, None, batch)))  # all of it
+    # A sweep that stopped half-way resumes: results measured on the same tokens are kept.
+    setting = {"source": str(source), "data": _digest(data), "window": window, "windows": limit}
     rows = []
     for recipe in recipes:
         folder = out / recipe.replace("/", "_").replace(",", "+").replace("=", "").replace(":", "_")
         if not (folder / "config.json").exists():
             if convert(["--hf-path", source, "--mlx-path", str(folder), *_convert_flags(recipe, usage)]) != 0:
                 raise CheckpointError(f"--sweep: converting {source} with {recipe!r} failed (see above)")
-        # A sweep that stopped half-way resumes: results measured on the same tokens are kept.
-        setting = {"source": str(source), "data": _digest(data), "window": window, "windows": limit}
         done = folder / "eval.json"
         kept = json.loads(done.read_text()) if done.exists() else {}
         if kept.get("setting") != setting:
