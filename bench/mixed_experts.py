@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from bench.common import machine
+from bench.common import machine, timed
 from bench.synthetic import results_dir
 from mlx_deepseek.moe import MixedPrecisionExperts, RoutedExperts
 
@@ -43,12 +42,7 @@ def quantized(module: nn.Module) -> nn.Module:
 
 def median_seconds(module, x, indices, reps: int) -> float:
     mx.eval(module(x, indices))  # warm up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        mx.eval(module(x, indices))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: mx.eval(module(x, indices))) for _ in range(reps))
 
 
 def main(argv=None) -> int:
