@@ -30,23 +30,32 @@ def mlx_launch(script, *args, port):
 
 
 def launch(folder, out, *extra, port=5510):
-    return mlx_launch(WORKER, folder, out, *extra, port=port)
+    """The worker on 2 ranks; rank 0's report."""
+    proc = mlx_launch(WORKER, folder, out, *extra, port=port)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(Path(f"{out}.rank0.json").read_text())
+
+
+PROMPT = list(range(3, 40))
+
+
+def two_turns(model, tokenizer, **cache_options) -> tuple[list[int], list[int]]:
+    """In one process: the greedy conversation the worker holds across ranks (two turns, one cache)."""
+    conversation = PromptCache(model, **cache_options)
+    first = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=24, prompt_cache=conversation)]
+    second = [r.token for r in stream_generate(model, tokenizer, PROMPT + first + list(range(50, 60)),
+                                               max_tokens=24, prompt_cache=conversation)]
+    return first, second
 
 
 def test_two_ranks_equal_one_process(checkpoint, tmp_path):
     folder = checkpoint("v3", num_hidden_layers=4)
-    proc = launch(folder, tmp_path / "r")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"r.rank{i}.json").read_text()) for i in (0, 1))
+    r0 = launch(folder, tmp_path / "r")
+    r1 = json.loads((tmp_path / "r.rank1.json").read_text())
 
     model, tokenizer = load(folder)
-    prompt = list(range(3, 40))
-    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([prompt])))) < 1e-5
-    conversation = PromptCache(model)
-    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
-    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
-                                               max_tokens=24, prompt_cache=conversation)]
-    assert r0["first"] == first and r0["second"] == second and r0["reused"] > len(prompt)
+    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([PROMPT])))) < 1e-5
+    assert [r0["first"], r0["second"]] == list(two_turns(model, tokenizer)) and r0["reused"] > len(PROMPT)
 
     # each rank loaded only its layers (rank 0 also the embedding, norm and head)
     assert r0["layers"][0] == 0 and r0["layers"][1] == r1["layers"][0] and r1["layers"][1] == 4
@@ -64,31 +73,15 @@ def test_mtp_drafting_across_the_pipeline_changes_nothing_but_the_steps(tmp_path
     from conftest import SHARED
 
     folder = SHARED / "models" / "tinyseek-py"
-    proc = launch(folder, tmp_path / "m", "--mtp", port=5590)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    r0 = json.loads((tmp_path / "m.rank0.json").read_text())
-    model, tokenizer = load(folder)
-    prompt = list(range(3, 40))
-    conversation = PromptCache(model)
-    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
-    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
-                                               max_tokens=24, prompt_cache=conversation)]
-    assert r0["first"] == first and r0["second"] == second
+    r0 = launch(folder, tmp_path / "m", "--mtp", port=5590)
+    assert [r0["first"], r0["second"]] == list(two_turns(*load(folder)))
     assert 0 < r0["main_steps"] < 24
 
 
 def test_a_quantized_cache_across_the_pipeline_equals_one_process(checkpoint, tmp_path):
     folder = checkpoint("v3", num_hidden_layers=4)
-    proc = launch(folder, tmp_path / "q", "--kv-bits-4", port=5630)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    r0 = json.loads((tmp_path / "q.rank0.json").read_text())
-    model, tokenizer = load(folder)
-    prompt = list(range(3, 40))
-    conversation = PromptCache(model, kv_bits=4, kv_group_size=32)
-    first = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24, prompt_cache=conversation)]
-    second = [r.token for r in stream_generate(model, tokenizer, prompt + first + list(range(50, 60)),
-                                               max_tokens=24, prompt_cache=conversation)]
-    assert r0["first"] == first and r0["second"] == second
+    r0 = launch(folder, tmp_path / "q", "--kv-bits-4", port=5630)
+    assert [r0["first"], r0["second"]] == list(two_turns(*load(folder), kv_bits=4, kv_group_size=32))
 
 
 def test_split_by_bytes_and_by_count():
