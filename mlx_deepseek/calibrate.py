@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import ConfigError
 from .layout import CheckpointError
 from .moe import MoE, Router
 
@@ -99,12 +100,18 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, help="use at most this many windows")
     p.add_argument("--batch", type=int, default=4)
     a = p.parse_args(argv)
+    output = Path(a.output)
+    if not output.parent.is_dir():  # said before the run, not after it
+        print(f"error: --output {output}: no folder {output.parent}", file=sys.stderr)
+        return 1
     try:
         usage = calibrate(a.model, a.data, a.window, a.windows, a.batch)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    Path(a.output).write_text(json.dumps(usage, indent=1))
+    partial = output.with_name(output.name + ".partial")
+    partial.write_text(json.dumps(usage, indent=1))
+    partial.replace(output)
     print(summary(usage))
     print(f"{usage['tokens']} tokens; counts written to {a.output}")
     return 0

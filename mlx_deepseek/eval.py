@@ -26,6 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from .config import ConfigError
 from .layout import CheckpointError
 
 
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
                 if isinstance(v, dict):
                     v = "  ".join(f"{name}: {x:.4g}" for name, x in v.items())
                 print(f"{k:>16}: {v:.6g}" if isinstance(v, float) else f"{k:>16}: {v}")
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.json:

@@ -57,6 +57,18 @@ def test_calibration_command_writes_the_usage_file(checkpoint, tmp_path, capsys)
     assert "never picked" in capsys.readouterr().out
 
 
+def test_calibration_refuses_bad_input_before_running(checkpoint, tmp_path, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama/config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = tmp_path / "usage.json"
+    assert calibrate_main(["--model", str(tmp_path / "llama"), "--data", "text", "--output", str(out)]) == 1
+    assert "model_type 'llama' is not supported" in capsys.readouterr().err
+    assert calibrate_main(["--model", str(checkpoint("v3")), "--data", "text",
+                           "--output", str(tmp_path / "no/usage.json")]) == 1
+    assert "no folder" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "llama"]
+
+
 def test_allocation_gives_busy_experts_more_bits_within_the_target():
     counts = {"a": [1000, 500, 100, 50, 10, 5, 1, 0], "b": [300, 300, 300, 300, 20, 20, 20, 20]}
     bits = allocate(counts, [2, 3, 4], target=3.0 + 0.5, overhead=0.5)
