@@ -23,8 +23,8 @@ import numpy as np
 from bench.common import machine
 from bench.synthetic import CONFIGS, TINYSEEK, results_dir
 from mlx_deepseek import load_model
-from mlx_deepseek.cache import QuantizedLatentCache, latent_bytes_per_token
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.models.cache import QuantizedLatentCache, latent_bytes_per_token
+from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.eval import quality, windows
 
 GROUP = 32  # tinyseek's kv_lora_rank is 64

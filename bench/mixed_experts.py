@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from bench.common import machine, timed
 from bench.synthetic import results_dir
-from mlx_deepseek.moe import MixedPrecisionExperts, RoutedExperts
+from mlx_deepseek.models.moe import MixedPrecisionExperts, RoutedExperts
 
 DIMS, HIDDEN, EXPERTS, TOP_K = 2048, 1408, 64, 6
 LAYOUTS = {"one stack, 3 bits": [3] * 64, "2 widths: 4 and 2 bits": [4, 2] * 32,

@@ -46,7 +46,7 @@ def step_costs(model, context: int, reps: int) -> dict[int, float]:
 def expert_overlap(windows: int = 24) -> dict:
     """Over validation text: experts shared by consecutive tokens, and distinct experts per 1/2/3 tokens."""
     from mlx_deepseek import load_model
-    from mlx_deepseek.moe import Router
+    from mlx_deepseek.models.moe import Router
 
     model = load_model(TINYSEEK)
     chosen = []

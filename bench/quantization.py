@@ -37,7 +37,8 @@ from bench.common import machine
 from bench.synthetic import TINYSEEK, build, results_dir
 from mlx_deepseek import load_model
 from mlx_deepseek.calibrate import calibrate
-from mlx_deepseek.eval import speed, sweep, write_table
+from convert.sweep import sweep, write_table
+from mlx_deepseek.eval import speed
 
 VALIDATION = TINYSEEK / "validation" / "val_ids.npy"
 

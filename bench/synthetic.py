@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from convert.plan import Job, OutTensor, Plan  # noqa: E402
 from convert.writer import atomic_folder, shard_jobs, write_shard  # noqa: E402
-from mlx_deepseek.config import ModelArgs  # noqa: E402
+from mlx_deepseek.models.config import ModelArgs  # noqa: E402
 
 
 TINYSEEK = ROOT.parent.parent / "shared" / "models" / "tinyseek-py"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_deepseek.config import ConfigError, ModelArgs
+from mlx_deepseek.models.config import ConfigError, ModelArgs
 from mlx_deepseek.layout import CheckpointError
 from mlx_deepseek.loading import MODEL_FILES, read_config, resolve_model_path
 

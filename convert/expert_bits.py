@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from mlx_deepseek.calibrate import USAGE_FORMAT
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.models.config import ModelArgs
 
 from .recipes import MODES, Quant, RecipeError
 

@@ -17,9 +17,9 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.layout import EXPERT, check_shapes, is_mtp_tensor, to_model_layout
-from mlx_deepseek.model import Model
+from mlx_deepseek.models.deepseek import Model
 
 from .recipes import Quant, Recipe
 from .sources import Source

@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ConfigError
+from .models.config import ConfigError
 from .layout import CheckpointError
-from .moe import MoE, Router
+from .models.moe import MoE, Router
 
 USAGE_FORMAT = "mlx-deepseek expert usage v1"
 

@@ -6,16 +6,12 @@ agreement, and the share of positions where the greedy choice flips between righ
 (KL also by context length: positions 1-64, 65-256, ... of each window);
 the size on disk, bits per weight, peak memory and prefill / decode speed. `--kv-bits` measures
 a quantized latent cache instead (the reference then runs the same model with the plain cache).
-`--sweep SRC --recipes "4;3;mixed-3-6;3+usage"` converts SRC with each recipe and evaluates each
-against SRC itself: a markdown table, a CSV and a plot of KL against bits per weight. `+usage`
-entries use expert-aware bits counted on `--calibration` text.
+Sweeps over recipes (convert, then evaluate each) are `python -m convert.sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import sys
 import time
@@ -26,7 +22,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .config import ConfigError
+from .models.config import ConfigError
 from .layout import CheckpointError
 
 
@@ -125,7 +121,7 @@ def footprint(folder: Path, model) -> dict:
 
     from .layout import is_mtp_tensor
     from .loading import entry_nbytes, tensor_headers
-    from .model import Model
+    from .models.deepseek import Model
 
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     main = sum(entry_nbytes(e) for name, e in tensor_headers(folder).items() if not is_mtp_tensor(name, model.args))
@@ -170,97 +166,10 @@ def evaluate(model_path, reference_path, data: str, window: int, limit: Optional
                                                                    kv_group_size=kv_group_size)}
 
 
-def sweep(source: str, recipes: list[str], out: Path, data: str, window: int, limit, batch: int,
-          calibration: Optional[str] = None) -> list[dict]:
-    from convert.cli import main as convert
-
-    usage = out / "expert_usage.json"
-    if any("+usage" in r for r in recipes) and not usage.exists():
-        if calibration is None:
-            raise CheckpointError("--sweep: recipes with +usage need --calibration DATA (text other than --data, "
-                                  "or the measurement rewards fitting the test text)")
-        from .calibrate import calibrate
-
-        out.mkdir(parents=True, exist_ok=True)
-        usage.write_text(json.dumps(calibrate(source, calibration, window, None, batch)))  # all of it
-    # A sweep that stopped half-way resumes: results measured on the same tokens are kept.
-    setting = {"source": str(source), "data": _digest(data), "window": window, "windows": limit}
-    rows = []
-    for recipe in recipes:
-        folder = out / recipe.replace("/", "_").replace(",", "+").replace("=", "").replace(":", "_")
-        if not (folder / "config.json").exists():
-            if convert(["--hf-path", source, "--mlx-path", str(folder), *_convert_flags(recipe, usage)]) != 0:
-                raise CheckpointError(f"--sweep: converting {source} with {recipe!r} failed (see above)")
-        done = folder / "eval.json"
-        kept = json.loads(done.read_text()) if done.exists() else {}
-        if kept.get("setting") != setting:
-            kept = {"setting": setting, "result": evaluate(folder, source, data, window, limit, batch)}
-            done.write_text(json.dumps(kept, indent=1))
-        rows.append({"recipe": recipe, **kept["result"]})
-    return rows
-
-
-def _digest(data: str) -> str:
-    """What identifies the evaluated tokens: the file's bytes, or the text."""
-    try:
-        content = Path(data).read_bytes() if Path(data).is_file() else data.encode()
-    except OSError:
-        content = data.encode()
-    return hashlib.sha256(content).hexdigest()[:16]
-
-
-def _convert_flags(recipe: str, usage: Path) -> list[str]:
-    """A sweep entry -> converter flags: bits ("3"), an mx mode, a recipe, each optionally followed by
-    "+usage" (expert-aware bits from the calibration) and ":WIDTHS" ("3+usage:2,4")."""
-    base, aware, widths = recipe.partition("+usage")
-    if base.isdigit():
-        flags = ["-q", "--q-bits", base]
-    elif base in ("mxfp4", "nvfp4", "mxfp8"):
-        flags = ["-q", "--q-mode", base] + (["--q-bits", "8"] if base == "mxfp8" else [])
-    else:
-        flags = ["-q", "--recipe", base]
-    if aware:
-        flags += ["--expert-usage", str(usage)] + (["--expert-bits", widths[1:]] if widths else [])
-    return flags
-
-
-def write_table(rows: list[dict], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    keys = ["recipe", "bits_per_weight", "size_gb", "perplexity", "kl_mean", "kl_max", "top1_agreement",
-            "greedy_flips", "peak_memory_gb", "prefill_tps", "decode_tps"]
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
-    table = "\n".join(lines)
-    (out / "sweep.md").write_text(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["bits_per_weight"] for r in rows], [r["kl_mean"] for r in rows], "o")
-        for r in rows:
-            ax.annotate(r["recipe"], (r["bits_per_weight"], r["kl_mean"]), fontsize=7)
-        ax.set_xlabel("bits per weight")
-        ax.set_ylabel("mean KL to the unquantized model")
-        ax.set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(out / "sweep.png", dpi=120)
-    except ImportError:
-        print("(no plot: pip install matplotlib)", file=sys.stderr)
-    return table
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_deepseek.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="the model to evaluate (folder or repo)")
+    p.add_argument("--model", required=True, help="the model to evaluate (folder or repo)")
     p.add_argument("--reference", help="the model to compare with (same vocabulary)")
     p.add_argument("--data", required=True, help="a text file, a .npy of token ids, or text")
     p.add_argument("--window", type=int, default=256, help="tokens predicted per window")
@@ -268,28 +177,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), help="evaluate a quantized latent cache")
     p.add_argument("--kv-group-size", type=int, default=64)
-    p.add_argument("--sweep", metavar="SRC", help="convert SRC with each of --recipes and evaluate each")
-    p.add_argument("--recipes", default="8;6;4;3;mixed-3-6",
-                   help="';'-separated: bits, an mx mode or a recipe, each optionally with +usage[:WIDTHS] "
-                        "(expert-aware bits; needs --calibration)")
-    p.add_argument("--calibration", help="with +usage recipes: text to count expert choices on (not --data)")
-    p.add_argument("--out", default="eval-sweep", help="where --sweep writes models and tables")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     try:
-        if a.sweep:
-            rows = sweep(a.sweep, [r for r in a.recipes.split(";") if r], Path(a.out), a.data, a.window, a.windows,
-                         a.batch, a.calibration)
-            print(write_table(rows, Path(a.out)))
-            result = rows
-        else:
-            if not a.model:
-                p.error("--model is required (or --sweep SRC)")
-            result = evaluate(a.model, a.reference, a.data, a.window, a.windows, a.batch, a.kv_bits, a.kv_group_size)
-            for k, v in result.items():
-                if isinstance(v, dict):
-                    v = "  ".join(f"{name}: {x:.4g}" for name, x in v.items())
-                print(f"{k:>16}: {v:.6g}" if isinstance(v, float) else f"{k:>16}: {v}")
+        result = evaluate(a.model, a.reference, a.data, a.window, a.windows, a.batch, a.kv_bits, a.kv_group_size)
+        for k, v in result.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{name}: {x:.4g}" for name, x in v.items())
+            print(f"{k:>16}: {v:.6g}" if isinstance(v, float) else f"{k:>16}: {v}")
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import LatentCache, make_latent_cache
+from .models.cache import LatentCache, make_latent_cache
 
 CACHE_FORMAT = "mlx-deepseek-latent-cache/1"
 

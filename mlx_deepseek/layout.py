@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .config import ModelArgs
+from .models.config import ModelArgs
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")

@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .config import ConfigError, ModelArgs
+from .models.config import ConfigError, ModelArgs
 from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_model_layout
-from .model import Model
-from .moe import MixedPrecisionExperts, RoutedExperts
+from .models.deepseek import Model
+from .models.moe import MixedPrecisionExperts, RoutedExperts
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
                       "F8_E4M3", "F8_E5M2"}

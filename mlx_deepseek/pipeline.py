@@ -31,12 +31,12 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelArgs
-from .cache import make_latent_cache
+from .models.config import ModelArgs
+from .models.cache import make_latent_cache
 from .layout import LAYER, CheckpointError
 from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, read_config, read_model_folder,
                       resolve_model_path, tensor_headers)
-from .model import DecoderLayer
+from .models.block import DecoderLayer
 
 FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -87,7 +87,7 @@ class Stage(nn.Module):
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if mtp:  # beside the head on rank 0, where drafting happens
-            from .mtp import MTP
+            from .models.mtp import MTP
 
             self.mtp = MTP(args)
 

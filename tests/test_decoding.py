@@ -8,7 +8,7 @@ import pytest
 from conftest import SHARED, rel_err, tokens
 
 from mlx_deepseek import ModelArgs, load_model
-from mlx_deepseek.mla import MLA
+from mlx_deepseek.models.mla import MLA
 from mlx_deepseek import moe
 
 

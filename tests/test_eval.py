@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from mlx_deepseek import eval as eval_module
+from convert import sweep as sweep_module
+from convert.sweep import main as sweep_main
 from mlx_deepseek.eval import main as eval_main
 from mlx_deepseek.eval import evaluate
 
@@ -58,7 +59,7 @@ def test_sweep_writes_a_table_csv_and_plot_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     calibration = tmp_path / "calibration.npy"
     np.save(calibration, np.load(VAL)[-4000:])  # not the evaluated text
-    assert eval_main(["--sweep", str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
+    assert sweep_main([str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
                       "--calibration", str(calibration), "--window", "128", "--windows", "4",
                       "--json", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
@@ -70,8 +71,8 @@ def test_sweep_writes_a_table_csv_and_plot_and_resumes(tmp_path, monkeypatch):
     assert (out / "sweep.md").exists() and (out / "sweep.csv").exists() and (out / "sweep.png").exists()
 
     # run again (as after an interruption): nothing is converted or evaluated twice
-    monkeypatch.setattr(eval_module, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
-    assert eval_main(["--sweep", str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
+    monkeypatch.setattr(sweep_module, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    assert sweep_main([str(TINYSEEK), "--recipes", "8;3;3+usage:2,4", "--out", str(out), "--data", VAL,
                       "--calibration", str(calibration), "--window", "128", "--windows", "4",
                       "--json", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text()) == rows

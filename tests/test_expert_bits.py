@@ -13,7 +13,7 @@ from convert.recipes import RecipeError
 from mlx_deepseek import load_model
 from mlx_deepseek.calibrate import USAGE_FORMAT, count_experts
 from mlx_deepseek.calibrate import main as calibrate_main
-from mlx_deepseek.moe import MoE
+from mlx_deepseek.models.moe import MoE
 from mlx_deepseek.pipeline import load_stage
 
 

@@ -45,7 +45,7 @@ def test_mlx_lm_folders_give_mlx_lm_logits(mlx_lm_folder, variant, quantize):
 
 
 def test_quantized_mlx_lm_folder_really_is_quantized(mlx_lm_folder):
-    from mlx_deepseek.moe import QuantizedExpertLinear
+    from mlx_deepseek.models.moe import QuantizedExpertLinear
 
     model = load_model(mlx_lm_folder("v2", True))
     experts = model.layers[1].mlp.switch_mlp.gate_proj

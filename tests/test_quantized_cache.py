@@ -9,9 +9,9 @@ import pytest
 from conftest import SHARED, rel_err
 
 from mlx_deepseek import ModelArgs, latent_bytes_per_token, load
-from mlx_deepseek.cache import QuantizedLatentCache
+from mlx_deepseek.models.cache import QuantizedLatentCache
 from mlx_deepseek.generate import PromptCache, stream_generate
-from mlx_deepseek.mla import MLA
+from mlx_deepseek.models.mla import MLA
 
 TINYSEEK = SHARED / "models" / "tinyseek-py"
 VAL = np.load(TINYSEEK / "validation" / "val_ids.npy")

@@ -21,6 +21,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .block import DecoderLayer
 from .cache import LatentCache
 from .config import ModelArgs
 
@@ -28,8 +29,6 @@ from .config import ModelArgs
 class MTP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        from .model import DecoderLayer
-
         D = args.hidden_size
         self.enorm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.hnorm = nn.RMSNorm(D, eps=args.rms_norm_eps)

@@ -1,4 +1,4 @@
-"""The DeepSeek decoder: embedding, N x (MLA + MoE or dense MLP), final norm, LM head."""
+"""The DeepSeek MLA decoder (V2, V3, Kimi-K2): embedding, N x block, final norm, LM head."""
 
 from __future__ import annotations
 
@@ -9,24 +9,8 @@ import mlx.nn as nn
 
 from .cache import LatentCache, make_latent_cache
 from .config import ModelArgs
-from .mla import MLA
-from .moe import MLP, MoE
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, index: int):
-        super().__init__()
-        self.self_attn = MLA(args)
-        if args.is_moe_layer(index):
-            self.mlp = MoE(args)
-        else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+from .mtp import MTP
+from .block import DecoderLayer
 
 
 class DeepseekModel(nn.Module):
@@ -57,8 +41,6 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if mtp:
-            from .mtp import MTP
-
             self.mtp = MTP(args)
 
     def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
