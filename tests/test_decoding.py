@@ -9,7 +9,7 @@ from conftest import SHARED, rel_err, tokens
 
 from mlx_deepseek import ModelArgs, load_model
 from mlx_deepseek.models.mla import MLA
-from mlx_deepseek import moe
+from mlx_deepseek.models import moe
 
 
 @pytest.fixture(scope="module")
