@@ -29,17 +29,27 @@ from .config import ModelArgs
 from .quant import QuantizedWeights
 
 
+def swiglu(gate: mx.array, up: mx.array, limit: float = 0.0) -> mx.array:
+    """silu(gate) * up; with a `limit` (DeepSeek-V4's swiglu_limit) gate is clipped above at limit
+    and up to [-limit, limit] first."""
+    if limit:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+    return nn.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
 
-    def __init__(self, dims: int, hidden: int):
+    def __init__(self, dims: int, hidden: int, limit: float = 0.0):
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(dims, hidden, bias=False)
         self.up_proj = nn.Linear(dims, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 class Router(nn.Module):
@@ -139,8 +149,9 @@ def dispatch(x: mx.array, indices: mx.array, run) -> mx.array:
 class RoutedExperts(nn.Module):
     """SwiGLU experts as three stacked matrices, run through gather_mm / gather_qmm."""
 
-    def __init__(self, dims: int, hidden: int, experts: int):
+    def __init__(self, dims: int, hidden: int, experts: int, limit: float = 0.0):
         super().__init__()
+        self.limit = limit
         self.gate_proj = ExpertLinear(experts, dims, hidden)
         self.up_proj = ExpertLinear(experts, dims, hidden)
         self.down_proj = ExpertLinear(experts, hidden, dims)
@@ -150,7 +161,8 @@ class RoutedExperts(nn.Module):
         return dispatch(x, indices, self.swiglu)
 
     def swiglu(self, rows: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        h = nn.silu(self.gate_proj(rows, indices, sorted_indices)) * self.up_proj(rows, indices, sorted_indices)
+        h = swiglu(self.gate_proj(rows, indices, sorted_indices), self.up_proj(rows, indices, sorted_indices),
+                   self.limit)
         return self.down_proj(h, indices, sorted_indices)
 
 
