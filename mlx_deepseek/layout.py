@@ -111,7 +111,7 @@ def mtp_module_name(rest: str) -> str:
 
 def checkpoint_module_name(path: str, args: ModelArgs) -> str:
     """Our module path -> the one a checkpoint's config.json uses (they differ only inside the MTP)."""
-    if not path.startswith("mtp."):
+    if not path.startswith("mtp.") or args.model_type == "deepseek_v4":
         return path
     prefix = f"model.layers.{args.num_hidden_layers}."
     for stored, ours in MTP_NAMES.items():

@@ -20,7 +20,8 @@ from mlx.utils import tree_unflatten
 
 from .models.config import ConfigError, ModelArgs
 from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_model_layout
-from .models.deepseek import Model
+from .layout_v4 import to_v4_layout
+from .models import args_from_config, is_v4, model_class
 from .models.moe import MixedPrecisionExperts, RoutedExperts
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -173,14 +174,14 @@ def quantization_of(config: dict, args: ModelArgs):
     return defaults, params
 
 
-def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Model:
+def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
     """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
 
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
     """
     folder = resolve_model_path(path_or_repo)
     args, defaults, quant_params, weights = read_model_folder(folder, mtp)
-    model = Model(args, mtp=mtp)
+    model = model_class(args)(args, mtp=mtp)
     install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
     if not lazy:
         mx.eval(model.parameters())
@@ -193,10 +194,16 @@ def read_model_folder(folder: Path, mtp: bool = False):
     of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked)."""
     config = read_config(folder)
     try:
-        args = ModelArgs.from_dict(config)
+        args = args_from_config(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
     defaults, quant_params = quantization_of(config, args)
+    if is_v4(args):
+        weights = to_v4_layout(read_weights(folder), args, keep_mtp=mtp)
+        if mtp and not any(k.startswith("mtp.") for k in weights):
+            raise CheckpointError(f"{folder}: no multi-token-prediction block (mtp.0.*) in this checkpoint; "
+                                  "run without MTP")
+        return args, defaults, quant_params, weights
     weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
     if mtp:
         share_mtp_copies(weights, folder, args)
@@ -251,7 +258,9 @@ def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
 
 
 # Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.
-FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias")
+FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias",
+                   # DeepSeek-V4: its router, and the hyper-connection, sink and window-bias tensors
+                   "ffn.gate.weight", "ffn.gate.bias", ".fn", ".base", ".scale", "attn_sink", ".ape")
 
 
 def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
