@@ -54,8 +54,12 @@ class PromptCache:
         self.cache = model.make_cache(kv_bits, kv_group_size)
         self.draft_cache = LatentCache() if "mtp" in model else None
         self.tokens: list[int] = []
+        # Caches with lost state (DeepSeek-V4's windows) cannot be trimmed: they rewind to a
+        # snapshot (references, no copy) and re-run the tokens after it.
+        self.snapshots = None if all(c.is_trimmable() for c in self.cache) else Snapshots()
+        self.reprefilled = 0  # tokens the last reuse() ran again after restoring a snapshot
 
-    def reuse(self, prompt: Sequence[int]) -> int:
+    def reuse(self, prompt: Sequence[int], chunk_size: int = 512) -> int:
         """Rewind to the longest common prefix with `prompt` (leaving >= 1 token to run); returns its length."""
         common = 0
         for a, b in zip(self.tokens, prompt):
@@ -63,6 +67,11 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(prompt) - 1)
+        self.reprefilled = 0
+        if self.snapshots is not None:
+            if common < len(self.tokens):
+                self._rewind(common, chunk_size)
+            return common
         if self.draft_cache is not None:  # the draft needs the pair of the last reused token
             common = min(common, self.draft_cache.offset)
             self.draft_cache.trim(self.draft_cache.offset - common)
@@ -71,14 +80,35 @@ class PromptCache:
         del self.tokens[common:]
         return common
 
+    def _rewind(self, position: int, chunk_size: int) -> None:
+        """Restore the latest snapshot at or before `position`, then run the held tokens up to it."""
+        kept = self.tokens[:position]
+        at, snap = self.snapshots.before(position)
+        if snap is None:
+            self.cache = self.model.make_cache()
+        else:
+            for c, s in zip(self.cache, snap):
+                c.restore(s)
+        self.tokens = kept[:at]
+        for start in range(at, position, chunk_size):
+            mx.eval(self.hidden(kept[start : min(position, start + chunk_size)]))
+        self.reprefilled = position - at
+
     def __call__(self, tokens: Sequence[int]) -> mx.array:
         """Run `tokens` through the model on this cache; logits of the last position, (1, vocab)."""
         return self.model.logits(self.hidden(tokens)[:, -1, :])
 
-    def hidden(self, tokens: Sequence[int]) -> mx.array:
-        """Run `tokens` through the main model on this cache; final hidden states (1, L, D)."""
-        self.tokens.extend(int(t) for t in tokens)
-        return self.model.hidden(mx.array([list(tokens)]), cache=self.cache)
+    def hidden(self, tokens: Sequence[int] | mx.array) -> mx.array:
+        """Run `tokens` through the main model on this cache; final hidden states (1, L, D).
+        A lazy (1,) array of one token (decoding) is fed as it is and recorded by `decode`."""
+        if isinstance(tokens, mx.array):
+            h = self.model.hidden(tokens[None], cache=self.cache)
+        else:
+            self.tokens.extend(int(t) for t in tokens)
+            h = self.model.hidden(mx.array([list(tokens)]), cache=self.cache)
+        if self.snapshots is not None:
+            self.snapshots.record(self.cache, multi=not isinstance(tokens, mx.array) and len(tokens) > 1)
+        return h
 
     def draft(self, hidden: mx.array, next_tokens: Sequence[int]) -> mx.array:
         """Feed pairs (h_i, t_{i+1}) to the MTP module; its logits for the last one, (1, vocab)."""
@@ -123,16 +153,30 @@ class PromptCache:
         tokens = np.array(arrays["tokens"]).tolist()
         kinds = json.loads(meta.get("caches", "{}"))
         restored = {}
+        fresh = self.model.make_cache() if self.snapshots is not None else None
         for name, kind in kinds.items():
-            c = make_latent_cache(*map(int, kind.split(","))) if kind else LatentCache()
             parts = sorted((k for k in arrays if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            c.state = [arrays[k] for k in parts]
+            if fresh is not None and name.startswith("layer."):
+                i = int(name.split(".")[1])
+                if i >= len(fresh):
+                    continue
+                c = fresh[i]
+                try:
+                    c.load_state(kind, [arrays[k] for k in parts])
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CacheFileError(f"{path}: {name} does not fit this model ({e})") from None
+            else:
+                c = make_latent_cache(*map(int, kind.split(","))) if kind else LatentCache()
+                c.state = [arrays[k] for k in parts]
             restored[name] = c
         cache = [restored.get(f"layer.{i}") for i in range(len(self.cache))]
         for i, c in enumerate(cache):
             if c is None or c.offset != len(tokens):
                 raise CacheFileError(f"{path}: layer {i} is missing or does not hold the {len(tokens)} saved tokens")
         self.cache, self.tokens = cache, tokens
+        if self.snapshots is not None:
+            self.snapshots = Snapshots()
+            self.snapshots.record(self.cache, multi=True)
         if self.draft_cache is not None:
             self.draft_cache = restored.get("draft", LatentCache())
         return json.loads(meta.get("extra") or "{}")
@@ -179,7 +223,7 @@ def decode(
     mx.async_eval(token)
     while True:
         # Feed the token while it is still lazy: this step's graph is built before the last one ends.
-        following = sample(prompt_cache.model(token[None], cache=prompt_cache.cache)[:, -1, :])
+        following = sample(prompt_cache.model.logits(prompt_cache.hidden(token)[:, -1, :]))
         mx.async_eval(following)
         value = token.item()
         prompt_cache.tokens.append(value)
@@ -257,10 +301,40 @@ def decode_mtp(prompt_cache: PromptCache, logits: mx.array, pending: mx.array, p
             draft_logits = pc.draft(h[:, :1], [token])
 
 
+class Snapshots:
+    """Snapshots of a cache that cannot be trimmed, by the number of tokens it held: after every
+    prompt chunk, every `every` tokens, and the last `recent` decode steps (a stop string or a
+    rejected draft rewinds a few tokens)."""
+
+    every, recent = 256, 4
+
+    def __init__(self):
+        self.kept: dict[int, list] = {}
+        self.latest: list[int] = []
+
+    def record(self, cache: list, multi: bool) -> None:
+        at = cache[0].offset
+        self.kept[at] = [c.snapshot() for c in cache]
+        if not multi and at % self.every:
+            self.latest.append(at)
+            if len(self.latest) > self.recent:
+                self.kept.pop(self.latest.pop(0), None)
+
+    def before(self, position: int):
+        """(offset, snapshot) of the latest snapshot at or before `position` ((0, None) if none);
+        later ones are dropped: the cache is about to leave that future."""
+        at = max((k for k in self.kept if k <= position), default=0)
+        for k in [k for k in self.kept if k > at]:
+            del self.kept[k]
+        self.latest = [k for k in self.latest if k <= at]
+        return at, self.kept.get(at)
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0       # tokens of the prompt ...
     reused_tokens: int = 0       # ... of which were already in the cache
+    reprefilled_tokens: int = 0  # reused tokens run again after a snapshot (DeepSeek-V4's rewind)
     prompt_tps: float = 0.0      # prefill speed on the rest
     generation_tokens: int = 0
     generation_tps: float = 0.0
@@ -312,6 +386,8 @@ def stream_generate(
     """
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+    if mtp and model.model_type == "deepseek_v4":
+        raise ValueError("MTP decoding is not supported for deepseek_v4 yet; run without --mtp")
     if mtp and "mtp" not in model:
         raise ValueError("this model was loaded without its MTP module: load(..., mtp=True)")
     if mtp and (sampler is not None or logits_processors is not None or repetition_penalty):
@@ -331,7 +407,8 @@ def stream_generate(
     mx.reset_peak_memory()
 
     start = time.perf_counter()
-    stats.reused_tokens = prompt_cache.reuse(tokens)
+    stats.reused_tokens = prompt_cache.reuse(tokens, prefill_step_size)
+    stats.reprefilled_tokens = prompt_cache.reprefilled
     logits, pending = prefill(prompt_cache, tokens[stats.reused_tokens :], prefill_step_size)
     mx.eval(logits)
     stats.prompt_tps = (len(tokens) - stats.reused_tokens) / (time.perf_counter() - start)

@@ -6,8 +6,10 @@ three differences: routed experts are stacked (`ffn.switch_mlp.{gate,up,down}_pr
 hyper-connection tensors are modules (`hc_attn.fn` for `hc_attn_fn`). The grouped output
 projection `wo_a` (groups * o_lora_rank, in) is held per group, (groups, o_lora_rank, in).
 
-Also read: the transformers 5 layout (`model.layers.N.self_attn.q_a_proj`, `mlp.experts.gate_up_proj`
-stacked and fused, `attn_hc`, the indexer nested in the compressor, ...), mapped by table.
+Also read, mapped by table: the transformers 5 module layout (`model.layers.N.self_attn.q_a_proj`,
+`mlp.experts.gate_up_proj` stacked and fused, `attn_hc`, the indexer nested in the compressor, ...)
+and what its `save_pretrained` writes (DeepSeek's names under `model.`, `attn.norm` for kv_norm,
+`model.embed_tokens`, `model.hc_head.hc_fn`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ HF_RENAMES = [
     (r"compressor\.kv_norm\.", "compressor.norm."),
     (r"\.mlp\.gate\.e_score_correction_bias$", ".ffn.gate.bias"),
     (r"\.mlp\.", ".ffn."),
+    # what transformers' save_pretrained writes back: DeepSeek's names under `model.`, except the
+    # attention's kv_norm, which comes out as `attn.norm` (its reverse mapping of compressor.norm)
+    (r"\.attn\.norm\.", ".attn.kv_norm."),
 ]
 
 
@@ -69,7 +74,7 @@ def is_v4_mtp_tensor(name: str) -> bool:
 def to_v4_layout(weights: dict[str, mx.array], args: V4Args, keep_mtp: bool = False) -> dict[str, mx.array]:
     """Rename and reshape V4 checkpoint tensors (native or transformers layout) into our modules, lazily."""
     if is_hf_layout(weights):
-        weights = _from_hf(weights, args)
+        weights = hf_native_names(weights)
     out: dict[str, mx.array] = {}
     experts: dict[str, dict[int, mx.array]] = {}
     for name, value in weights.items():
@@ -116,8 +121,9 @@ def _module_name(name: str) -> str:
     return name
 
 
-def _from_hf(weights: dict[str, mx.array], args: V4Args) -> dict[str, mx.array]:
-    """transformers 5 names -> native names; its fused, stacked experts -> one tensor per expert."""
+def hf_native_names(weights: dict) -> dict:
+    """transformers 5 names -> native names; its fused, stacked experts -> one tensor per expert
+    (works on mx and numpy arrays alike)."""
     out: dict[str, mx.array] = {}
     for name, value in weights.items():
         if name.endswith("rotary_emb.inv_freq") or "_original_inv_freq" in name:

@@ -118,3 +118,150 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
     "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+# ---- DeepSeek-V4 -------------------------------------------------------------------------------
+
+V4_BASE = dict(
+    vocab_size=160, hidden_size=64, moe_intermediate_size=32, num_attention_heads=4, head_dim=32,
+    qk_rope_head_dim=16, q_lora_rank=24, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
+    n_shared_experts=1, index_n_heads=16, index_head_dim=16, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+    rope_theta=10000.0, compress_rope_theta=160000.0, swiglu_limit=1.0, routed_scaling_factor=1.5,
+    scoring_func="sqrtsoftplus", norm_topk_prob=True, max_position_embeddings=4096, initializer_range=0.1,
+    rms_norm_eps=1e-6, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                     "beta_fast": 32, "beta_slow": 1},
+)
+
+V4_VARIANTS = {
+    # every layer kind with short windows (16-token window, HCA at 16), top-4 indexer: many
+    # windows, entries and top-k choices in a few hundred tokens; one hash layer
+    "v4_small": dict(num_hidden_layers=4, compress_ratios=[0, 4, 16, 4, 0], num_hash_layers=1, sliding_window=16,
+                     index_topk=4),
+    # Flash's pattern and windows: two sliding layers, then CSA / HCA(128) alternating; 128-token window
+    "v4_flash": dict(num_hidden_layers=5, compress_ratios=[0, 0, 4, 128, 4, 0], num_hash_layers=3,
+                     sliding_window=128, index_topk=8),
+    # Pro's pattern: HCA first (layers 0, 1), then CSA / HCA; no expert_dtype key, more groups
+    "v4_pro": dict(num_hidden_layers=4, compress_ratios=[128, 128, 4, 128, 0], num_hash_layers=2,
+                   sliding_window=32, index_topk=6, o_groups=4, num_attention_heads=8),
+}
+
+
+def v4_settings(variant: str, **overrides) -> dict:
+    return {**V4_BASE, **V4_VARIANTS[variant], **overrides}
+
+
+def build_v4(variant: str, layout: str = "hf", **overrides) -> Path:
+    """A tiny random DeepSeek-V4 folder: `layout="hf"` as transformers 5 saves it (its config keys
+    and names), `"native"` with DeepSeek's published config keys and tensor names (and an MTP block)."""
+    s = v4_settings(variant, **overrides)
+    key = hashlib.sha1(json.dumps([s, layout, 2], sort_keys=True).encode()).hexdigest()[:10]
+    folder = ROOT / f"{variant}-{layout}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_v4(s, layout, tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def hf_v4_config(s: dict):
+    import transformers
+
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    types = []
+    for r in s["compress_ratios"][: s["num_hidden_layers"]]:
+        if r == 0:
+            types.append("sliding_attention")
+        elif r == 4:
+            types.append("compressed_sparse_attention")
+        else:
+            types.append("heavily_compressed_attention")
+            rates["heavily_compressed_attention"] = r
+    n = s["num_hidden_layers"]
+    skip = ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_scaling")
+    cfg = {k: v for k, v in s.items() if k not in skip}
+    yarn = {("rope_type" if k == "type" else k): v for k, v in s["rope_scaling"].items()}
+    return transformers.DeepseekV4Config(
+        **cfg, layer_types=types, compress_rates=rates,
+        mlp_layer_types=["hash_moe"] * s["num_hash_layers"] + ["moe"] * (n - s["num_hash_layers"]),
+        partial_rotary_factor=s["qk_rope_head_dim"] / s["head_dim"], rope_parameters=yarn)
+
+
+def randomize_v4(model, seed: int = 0) -> None:
+    """transformers initializes sinks, window biases and hyper-connection biases to zero, norms to
+    one and the correction bias to zero: make them all matter. tid2eid gets distinct experts per row."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "position_bias", ".base", "hc_base")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith((".scale", "hc_scale")):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                rows = [torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok]
+                        for _ in range(cfg.vocab_size)]
+                b.copy_(torch.stack(rows))
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def _write_v4(s: dict, layout: str, folder: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(hf_v4_config(s)).eval()
+    randomize_v4(model)
+    if layout == "hf":
+        model.save_pretrained(folder)
+    else:
+        _write_v4_native(model, s, folder)
+    write_tokenizer(folder, s["vocab_size"])
+
+
+def _write_v4_native(model, s: dict, folder: Path) -> None:
+    """DeepSeek's published layout: its names, one tensor per expert, config.json as published, and
+    an MTP block (`mtp.0.*`, random: transformers has none)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    sys_path_root = Path(__file__).resolve().parent.parent
+    import sys
+
+    if str(sys_path_root) not in sys.path:
+        sys.path.insert(0, str(sys_path_root))
+    from mlx_deepseek.layout_v4 import hf_native_names
+
+    tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    native = hf_native_names(tensors)
+    rng = np.random.default_rng(1)
+    D, N = s["hidden_size"], s["hc_mult"]
+    layer0 = {k[len("layers.0."):]: v for k, v in native.items() if k.startswith("layers.0.")}
+    # the MTP block: a sliding-window block (compress_ratios[-1] == 0) with non-hash routing
+    for k, v in layer0.items():
+        if ".compressor." in k or ".indexer." in k or k.endswith("tid2eid"):
+            continue
+        native[f"mtp.0.{k}"] = (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+    native["mtp.0.ffn.gate.bias"] = (0.1 * rng.standard_normal(s["n_routed_experts"])).astype(np.float32)
+    for name in ("e_proj", "h_proj"):
+        native[f"mtp.0.{name}.weight"] = (0.1 * rng.standard_normal((D, D))).astype(np.float32)
+    for name in ("enorm", "hnorm", "norm"):
+        native[f"mtp.0.{name}.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    native["mtp.0.hc_head_fn"] = (0.1 * rng.standard_normal((N, N * D))).astype(np.float32)
+    native["mtp.0.hc_head_base"] = (0.5 * rng.standard_normal(N)).astype(np.float32)
+    native["mtp.0.hc_head_scale"] = (1 + 0.3 * rng.standard_normal(1)).astype(np.float32)
+    for k in [k for k in native if k.endswith("tid2eid")]:
+        native[k] = native[k].astype(np.int64)
+    folder.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in native.items()}, str(folder / "model.safetensors"))
+    config = {k: v for k, v in s.items()}
+    config.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_nextn_predict_layers=1,
+                  expert_dtype="fp4", topk_method="noaux_tc", bos_token_id=0, eos_token_id=1)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

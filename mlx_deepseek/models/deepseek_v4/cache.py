@@ -21,6 +21,7 @@ Flash), an HCA layer head_dim/128 (4); the windows and partial windows are a con
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -96,6 +97,46 @@ class V4LayerCache:
     def nbytes(self) -> int:
         total = 0 if self.window is None else self.window.nbytes
         return total + sum(s.nbytes for s in (self.compressor, self.indexer) if s is not None)
+
+    PARTS = ("entries", "pending_kv", "pending_gate", "prev_kv", "prev_gate")
+
+    def _held(self) -> list[tuple[str, mx.array]]:
+        held = [] if self.window is None else [("window", self.window)]
+        for name, s in (("compressor", self.compressor), ("indexer", self.indexer)):
+            if s is None:
+                continue
+            for part in self.PARTS:
+                a = getattr(s, part)
+                if a is not None:
+                    held.append((f"{name}.{part}", a[:, : s.count] if part == "entries" else a))
+        return held
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays this cache holds (for mx.eval and cache files); `meta_state` names them."""
+        return [a for _, a in self._held()]
+
+    @property
+    def meta_state(self) -> str:
+        return json.dumps({"kind": "v4", "offset": self.offset, "parts": [n for n, _ in self._held()]})
+
+    def load_state(self, meta: str, arrays: list[mx.array]) -> None:
+        """Inverse of (meta_state, state); raises ValueError when they do not fit this layer."""
+        info = json.loads(meta)
+        if info.get("kind") != "v4" or len(info.get("parts", ())) != len(arrays):
+            raise ValueError("not a DeepSeek-V4 layer cache")
+        self.offset = int(info["offset"])
+        for name, a in zip(info["parts"], arrays):
+            owner, _, part = name.partition(".")
+            if owner == "window":
+                self.window = a
+                continue
+            state = getattr(self, owner, None)
+            if state is None or part not in self.PARTS:
+                raise ValueError(f"this layer has no {name}")
+            setattr(state, part, a)
+            if part == "entries":
+                state.count = a.shape[1]
 
     # mlx-lm's cache protocol, as far as it applies
     def is_trimmable(self) -> bool:

@@ -85,6 +85,10 @@ class Model(nn.Module):
     def hidden(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         """The residual streams after the last block, (B, L, hc_mult, D) (what the head and MTP take)."""
         cache = cache if cache is not None else self.make_cache()
+        end = cache[0].offset + tokens.shape[1]
+        if end > self.args.max_position_embeddings:
+            raise ValueError(f"{end} tokens exceed the model's context (max_position_embeddings="
+                             f"{self.args.max_position_embeddings})")
         h = self.embed(tokens)
         h = mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
         for layer, layer_cache in zip(self.layers, cache):
