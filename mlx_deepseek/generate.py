@@ -124,7 +124,8 @@ class PromptCache:
         if self.snapshots is not None:
             draft = self.draft_cache.snapshot() if settled and self.draft_cache is not None else None
             self.snapshots.record(self.cache[0].offset,
-                                  ([c.snapshot() for c in self.cache], draft, pending if settled else None), settled)
+                                  ([c.snapshot(settled) for c in self.cache], draft, pending if settled else None),
+                                  settled)
 
     def __call__(self, tokens: Sequence[int]) -> mx.array:
         """Run `tokens` through the model on this cache; logits of the last position, (1, vocab)."""
