@@ -37,7 +37,7 @@ ASSISTANT = "<｜Assistant｜>"
 LATEST_REMINDER = "<｜latest_reminder｜>"
 THINK_START, THINK_END = "<think>", "</think>"
 DSML = "｜DSML｜"
-TOOL_CALLS_START = f"\n\n<{DSML}tool_calls>\n"
+TOOL_CALLS_OPEN = f"\n\n<{DSML}tool_calls"  # after an assistant's content; the block goes on with ">\n"
 TOOL_CALLS_END = f"</{DSML}tool_calls>"
 TASK_TOKENS = {t: f"<｜{t}｜>" for t in ("action", "query", "authority", "domain", "title", "read_url")}
 
@@ -160,7 +160,7 @@ def _render(m: dict, previous: dict | None, after_last_user: bool, thinking: boo
             if keep_reasoning or after_last_user:
                 reasoning = (m.get("reasoning_content") or "") + THINK_END
         calls = m.get("tool_calls") or []
-        block = (TOOL_CALLS_START + "\n".join(map(render_tool_call, calls)) + "\n" + TOOL_CALLS_END) if calls else ""
+        block = (TOOL_CALLS_OPEN + ">\n" + "\n".join(map(render_tool_call, calls)) + "\n" + TOOL_CALLS_END) if calls else ""
         return reasoning + (m.get("content") or "") + block + ("" if m.get("wo_eos") else EOS)
     raise ValueError(f"unknown message role {role!r}")
 
@@ -286,15 +286,15 @@ def _parse(text: str, thinking: bool) -> dict:
     reasoning, pos = "", 0
     if thinking:
         end = text.find(THINK_END)
-        call = text.find(TOOL_CALLS_START[:-2])
+        call = text.find(TOOL_CALLS_OPEN)
         if end < 0 or 0 <= call < end:
             raise DSMLError("the reasoning is not closed by </think>")
         reasoning, pos = text[:end], end + len(THINK_END)
-    eos, call = text.find(EOS, pos), text.find(TOOL_CALLS_START[:-2], pos)
+    eos, call = text.find(EOS, pos), text.find(TOOL_CALLS_OPEN, pos)
     calls = []
     if call >= 0 and (eos < 0 or call < eos):
         content = text[pos:call]
-        calls, pos = _parse_tool_calls(text, call + len(TOOL_CALLS_START) - 2)
+        calls, pos = _parse_tool_calls(text, call + len(TOOL_CALLS_OPEN))
     else:
         content = text[pos:] if eos < 0 else text[pos:eos]
         pos = len(text) if eos < 0 else eos
@@ -307,8 +307,11 @@ def _parse(text: str, thinking: bool) -> dict:
             "tool_calls": [{"type": "function", "function": c} for c in calls]}
 
 
-INVOKE = re.compile(rf'<{DSML}invoke\s*name="(.*?)">\n', re.DOTALL)
-PARAMETER = re.compile(rf'<{DSML}parameter name="(.*?)" string="(true|false)">(.*)<', re.DOTALL)  # up to /｜DSML｜parameter>
+INVOKE, INVOKE_CLOSE, PARAMETER, PARAMETER_END = (f"<{DSML}invoke", f"</{DSML}invoke", f"<{DSML}parameter",
+                                                   f"/{DSML}parameter")
+INVOKE_END = INVOKE_CLOSE + ">\n"
+INVOKE_NAME = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)  # "\n\n": a call without parameters
+PARAMETER_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
 
 
 def _parse_tool_calls(text: str, pos: int) -> tuple[list[dict], int]:
@@ -319,25 +322,29 @@ def _parse_tool_calls(text: str, pos: int) -> tuple[list[dict], int]:
     pos += 2
     calls = []
     while not text.startswith(TOOL_CALLS_END, pos):
-        invoke = INVOKE.match(text, pos)
-        if invoke is None:
-            raise DSMLError(f"expected <{DSML}invoke name=\"...\"> or {TOOL_CALLS_END}, got {text[pos:pos + 60]!r}")
-        pos, args = invoke.end(), {}
-        if text.startswith("\n", pos) and text.startswith(f"</{DSML}invoke>", pos + 1):
-            pos += 1  # a call without parameters
-        while not text.startswith(f"</{DSML}invoke>\n", pos):
-            end = text.find(f"/{DSML}parameter", pos)
-            param = PARAMETER.fullmatch(text, pos, end) if end > 0 and text.startswith(">\n", end + 16) else None
+        if not text.startswith(INVOKE, pos):
+            raise DSMLError(f"expected {INVOKE} or {TOOL_CALLS_END}, got {text[pos:pos + 60]!r}")
+        pos += len(INVOKE)
+        head_end = min((i for i in (text.find(PARAMETER, pos), text.find(INVOKE_CLOSE, pos)) if i >= 0), default=-1)
+        name = INVOKE_NAME.fullmatch(text, pos, head_end) if head_end >= 0 else None
+        if name is None:
+            raise DSMLError(f"malformed {INVOKE} name=\"...\">: {text[pos:pos + 60]!r}")
+        pos, name, args = head_end, name[1], {}
+        while text.startswith(PARAMETER, pos):
+            end = text.find(PARAMETER_END, pos)  # the value runs to the first one
+            closed = end >= 0 and text.startswith(">\n", end + len(PARAMETER_END))
+            param = PARAMETER_BODY.fullmatch(text, pos + len(PARAMETER), end) if closed else None
             if param is None:
-                raise DSMLError(f"malformed parameter in call {invoke[1]!r}: {text[pos:pos + 60]!r}")
-            name, is_string, value = param.groups()
-            if name in args:
-                raise DSMLError(f"parameter {name!r} given twice in call {invoke[1]!r}")
-            args[name] = _json(value) if is_string == "true" else value
-            pos = end + len(f"/{DSML}parameter>\n")
-        pos += len(f"</{DSML}invoke>\n")
-        arguments = "{" + ", ".join(f"{_json(k)}: {v}" for k, v in args.items()) + "}"
-        calls.append({"name": invoke[1], "arguments": arguments})
+                raise DSMLError(f"malformed parameter in call {name!r}: {text[pos:pos + 60]!r}")
+            key, is_string, value = param.groups()
+            if key in args:
+                raise DSMLError(f"parameter {key!r} given twice in call {name!r}")
+            args[key] = _json(value) if is_string == "true" else value
+            pos = end + len(PARAMETER_END) + 2
+        if not text.startswith(INVOKE_END, pos):
+            raise DSMLError(f"call {name!r} is not closed by {INVOKE_CLOSE}>: {text[pos:pos + 60]!r}")
+        pos += len(INVOKE_END)
+        calls.append({"name": name, "arguments": "{" + ", ".join(f"{_json(k)}: {v}" for k, v in args.items()) + "}"})
     return calls, pos + len(TOOL_CALLS_END)
 
 

@@ -205,6 +205,11 @@ REPLIES = [
      '<｜DSML｜parameter name="a" string="true">1</｜DSML｜parameter>\n', "chat"),
     ("bad: parameter not closed", '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
      '<｜DSML｜parameter name="a" string="true">1\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>', "chat"),
+    ("bad: an invoke's name not closed (must not swallow the next call)", '\n\n<｜DSML｜tool_calls>\n'
+     '<｜DSML｜invoke name="g h>\n\n</｜DSML｜invoke>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>', "chat"),
+    ("bad: text after a parameter's closing tag", '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+     '<｜DSML｜parameter name="a" string="false">1</｜DSML｜parameter>x\n'
+     '<｜DSML｜parameter name="b" string="true">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>', "chat"),
     ("bad: text after the tool calls", '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke>\n'
      "</｜DSML｜tool_calls>trailing<｜end▁of▁sentence｜>", "chat"),
 ]
