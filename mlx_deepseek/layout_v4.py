@@ -187,6 +187,8 @@ def port_module_names(path: str) -> list[str]:
     m = re.match(r"^mtp\.(.*)$", path)
     if m:
         names.append(f"mtp.0.{m.group(1)}")
+        if m.group(1).startswith("block."):  # DeepSeek's names have no `block`
+            names.append(f"mtp.0.{m.group(1)[len('block.'):]}")
     elif path == "embed":
         names.append("model.embed_tokens")
     elif path == "head":
