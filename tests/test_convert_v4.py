@@ -318,6 +318,42 @@ def test_transformers_layout(tmp_path):
     assert rel_err(logits(load_model(out)), logits(model_on(out, dequantized(out)))) < 1e-4
 
 
+def test_fused_expert_tensors_are_read_one_expert_at_a_time(tmp_path, monkeypatch):
+    """transformers' in-memory layout (`mlp.experts.gate_up_proj` (E, 2I, D), `down_proj` (E, D, I)):
+    each expert is read as its own rows of the stacked tensor, never the whole stack."""
+    import re
+
+    from convert import sources
+
+    src = build_v4("v4_small", "hf")
+    fused = tmp_path / "fused"
+    shutil.copytree(src, fused)
+    tensors = read_st(src / "model.safetensors")
+    out, n = {}, read_config(src)["n_routed_experts"]
+    for name, (dtype, a) in tensors.items():
+        m = re.match(r"^(model\.layers\.\d+)\.ffn\.experts\.(\d+)\.w1\.weight$", name)
+        if m:
+            layer = m.group(1)
+            if m.group(2) == "0":
+                e = lambda w: [tensors[f"{layer}.ffn.experts.{i}.{w}.weight"][1] for i in range(n)]  # noqa: E731
+                out[f"{layer}.mlp.experts.gate_up_proj"] = ("F32", np.stack([np.concatenate([a1, a3]) for a1, a3
+                                                                            in zip(e("w1"), e("w3"))]))
+                out[f"{layer}.mlp.experts.down_proj"] = ("F32", np.stack(e("w2")))
+        elif ".ffn.experts." not in name:
+            out[name] = (dtype, a)
+    write_st(fused / "model.safetensors", out)
+    reads = []
+    original = sources.Source.read
+    monkeypatch.setattr(sources.Source, "read", lambda self, name, rows=None: (reads.append((name, rows)),
+                                                                                 original(self, name, rows))[1])
+    assert convert(fused, tmp_path / "a", "--recipe", "routed_experts=none") == 0
+    assert convert(src, tmp_path / "b", "--recipe", "routed_experts=none") == 0
+    stacked = [rows for name, rows in reads if name.endswith(("gate_up_proj", "down_proj"))]
+    assert stacked and all(rows is not None and rows[1] - rows[0] == 1 for rows in stacked)
+    a, b = mx.load(str(tmp_path / "a/model.safetensors")), mx.load(str(tmp_path / "b/model.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
 # ---- mlx-lm ports' folders -------------------------------------------------------------------------
 
 def _port_name(name: str, style: str) -> str:
