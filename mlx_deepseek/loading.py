@@ -139,9 +139,12 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
-        if any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
+        fp4 = [k for k, info in header.items() if isinstance(info, dict) and info.get("dtype") == "I8"
+               and k.endswith(".weight") and k[: -len("weight")] + "scale" in header]
+        if fp4 or any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
             raise CheckpointError(
-                f"{file}: FP8 weights; convert the checkpoint first: python -m convert --hf-path {folder} ..."
+                f"{file}: FP8{'/FP4' if fp4 else ''} weights; convert the checkpoint first: "
+                f"python -m convert --hf-path {folder} ..."
             )
         weights.update(mx.load(str(file)))
     return weights

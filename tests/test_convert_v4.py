@@ -241,6 +241,14 @@ def test_fp4_is_mlx_mxfp4_bit_for_bit():
     lo, hi = packed & 0x0F, packed >> 4
     positive_zero = np.where(lo == 8, 0, lo) | (np.where(hi == 8, 0, hi) << 4)  # MLX writes -0.0 as code 0
     assert np.array_equal(np.array(qw).view(np.uint8)[rows], positive_zero[rows])
+    # so a float dump of FP4 experts (bf16 holds e2m1 x 2^k exactly) requantizes to the same values,
+    # whatever a group's largest code: MLX picks a smaller scale and larger codes, the products agree
+    for magnitude in (7, 3, 1):  # codes up to 6, up to 1.5, up to 0.5 (sign kept)
+        small = packed & ((8 | magnitude) * 0x11)
+        values = fp4_reference(small, scale)
+        back = mx.dequantize(*mx.quantize(mx.array(values), 32, 4, mode="mxfp4"), None, 32, 4, mode="mxfp4",
+                             dtype=mx.float32)
+        assert np.array_equal(np.array(back), values)
 
 
 # ---- conversions ----------------------------------------------------------------------------------
@@ -493,6 +501,18 @@ def test_bad_input_is_named_and_nothing_is_written(edit, message, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_published_folder_is_sent_to_the_converter(tmp_path):
+    from mlx_deepseek.layout import CheckpointError
+
+    pub, _ = published()
+    with pytest.raises(CheckpointError, match="convert the checkpoint first"):
+        load_model(pub)
+    shutil.copytree(pub, tmp_path / "src")
+    edit_config(quantization_config=None)(tmp_path / "src")
+    with pytest.raises(CheckpointError, match="FP8/FP4 weights; convert the checkpoint first"):
+        load_model(tmp_path / "src")
 
 
 def test_expert_usage_is_refused_for_v4(tmp_path, capsys):
