@@ -12,8 +12,8 @@ and what its `save_pretrained` writes (DeepSeek's names under `model.`, `attn.no
 `model.embed_tokens`, `model.hc_head.hc_fn`).
 
 And the MLX folders of mlx-lm's DeepSeek-V4 ports (`port_to_native`), so they load as they are:
-- PR #1189's branch (ml-explore/mlx-lm refs/pull/1189, e.g. mlx-community/DeepSeek-V4-Flash-4bit),
-  its forks' PR #1797 (nh13/mlx-lm) and PR #1192's (Blaizzy): mlx-lm module names
+- mlx-lm PR #1189's branch (e.g. mlx-community/DeepSeek-V4-Flash-4bit), PR #1797's (nh13/mlx-lm,
+  the same names without MTP) and PR #1192's (Blaizzy, `attn_hc`): mlx-lm module names
   (`model.embed_tokens`, `lm_head`, `model.layers.N.attn.*` as DeepSeek names them, experts stacked
   as `ffn.switch_mlp.{gate,up,down}_proj`, `ffn.gate.e_score_correction_bias`, hyper-connections as
   `hc_attn.fn` or `attn_hc.fn`, `model.hc_head.fn`, `wo_a` flat (groups * o_lora_rank, in),

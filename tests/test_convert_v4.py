@@ -432,6 +432,31 @@ def test_mlx_lm_port_folders_load_as_they_are(style, tmp_path):
         assert load_model(port, mtp=True).mtp is not None
 
 
+@pytest.mark.parametrize("style", ["pr1189", "pr1192"])
+def test_the_ports_own_code_loads_these_folders(style, tmp_path):
+    """Checks the layouts above against the ports themselves, when a checkout of the port's mlx_lm
+    is given (MLX_LM_V4_PR1189 / MLX_LM_V4_PR1192: a folder holding its `mlx_lm` package, e.g.
+    `git archive refs/pull/1189/head mlx_lm`; that head's deepseek_v4.py uses `Any` without importing
+    it, add it to its typing import). The ports' models only take compress ratios 0, 4 and 128,
+    hence the v4_flash fixture; their folders' DeepSeek-named variant is not theirs to load."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.environ.get(f"MLX_LM_V4_{style.upper()}")
+    if not root:
+        pytest.skip(f"set MLX_LM_V4_{style.upper()} to a checkout of that port's mlx_lm")
+    pub, _ = published("v4_flash")
+    assert convert(pub, tmp_path / "out", "--dtype", "float32") == 0
+    port = write_port(tmp_path / "out", tmp_path / style, style)
+    script = ("import sys, mlx.core as mx; from mlx_lm.utils import load_model; "
+              "m, _ = load_model(__import__('pathlib').Path(sys.argv[1]), strict=True); "
+              "print(bool(mx.isfinite(m(mx.array([list(range(2, 40))]))).all()))")
+    r = subprocess.run([sys.executable, "-c", script, str(port)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr[-2000:]
+
+
 def test_unknown_layout_is_named(tmp_path, capsys):
     from mlx_deepseek.layout import CheckpointError
 
