@@ -20,7 +20,7 @@ from . import fp4, fp8
 
 TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
                 "torch.float8_e4m3fn": "F8_E4M3", "torch.int64": "I64", "torch.int32": "I32", "torch.int8": "I8",
-                "torch.uint8": "U8"}
+                "torch.uint8": "U8", "torch.float8_e8m0fnu": "F8_E8M0"}
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F8_E4M3"}
 # Integer tensors a checkpoint may hold as they are: DeepSeek-V4's token -> expert table.
 INTEGER_TENSORS = {"tid2eid": ("I64", "I32")}
@@ -163,7 +163,7 @@ def _torch_bin(folder: Path, config: dict) -> Source:
             return mx.array(t.view(torch.uint8).numpy())
         if t.dtype == torch.bfloat16:
             return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
-        if t.dtype == torch.float8_e4m3fn:
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
             return mx.array(t.view(torch.uint8).numpy())
         return mx.array(np.ascontiguousarray(t.numpy()))
 

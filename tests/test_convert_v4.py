@@ -297,6 +297,21 @@ def test_published_unquantized_equals_reference(tmp_path):
     assert rel_err(logits(load_model(tmp_path / "float")), logits(load_model(ref))) < 1e-6
 
 
+def test_pytorch_bin_with_fp8_and_fp4(tmp_path):
+    """The same checkpoint as a PyTorch .bin (e4m3, e8m0 and int8 tensors): the same output."""
+    pub, _ = published()
+    views = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "I8": torch.int8}
+    state = {k: torch.from_numpy(a.copy()).view(views[d]) if d in views else torch.from_numpy(a.copy())
+             for k, (d, a) in read_st(pub / "model.safetensors").items()}
+    src = tmp_path / "bin"
+    shutil.copytree(pub, src)
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    assert convert(src, tmp_path / "a") == 0 and convert(pub, tmp_path / "b") == 0
+    a, b = read_st(tmp_path / "a/model.safetensors"), read_st(tmp_path / "b/model.safetensors")
+    assert a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.array_equal(a[k][1], b[k][1]) for k in a)
+
+
 def test_q_bits_still_work_and_drop_mtp(tmp_path):
     pub, _ = published()
     assert convert(pub, tmp_path / "out", "-q", "--q-bits", "2", "--dtype", "float32", "--drop-mtp") == 0
