@@ -24,6 +24,10 @@ from .recipes import Quant, Recipe
 from .sources import Source
 
 MXFP4 = Quant(4, 32, "mxfp4")
+# What DeepSeek's published checkpoint stores in FP8 (its model.py: Linear layers of the default
+# dtype, and wo_a, "FP8 in checkpoint"); routed experts are FP4; the rest bf16 or float32.
+PUBLISHED_FP8 = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]"
+                           r"|e_proj|h_proj)\.weight$")
 # Kept in float32 whatever --dtype says (they are float32 in the checkpoint and used so).
 KEEP_FLOAT32 = (".fn", ".base", ".scale", "attn_sink", ".ape", "ffn.gate.bias")
 
@@ -184,3 +188,37 @@ def _carried_fp4_job(source: Source, module: str, parts: list[str], dtype: mx.Dt
         yield from scales
 
     return Job(outputs, produce, len(parts) * shape[0] * shape[1], (module, MXFP4))
+
+
+def published_tensors(args: V4Args, block: int = 128) -> dict[str, tuple[tuple, str]]:
+    """Every tensor DeepSeek's published checkpoint holds for `args`: name -> (shape, safetensors
+    dtype), derived from our model's parameters. FP8 projections with e8m0 block scales, FP4
+    experts with e8m0 scales per 32, hyper-connections, sinks, ape and the gate bias float32,
+    tid2eid int64, the rest bf16. For sizes (nothing is read) and synthetic checkpoints."""
+    from mlx.utils import tree_flatten
+
+    names = {}
+    for name, p in tree_flatten(Model(args, mtp=True).parameters()):
+        shape = tuple(p.shape)
+        native = re.sub(r"^mtp\.(block\.)?", "mtp.0.", name)
+        native = re.sub(r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$", r"\1hc_\2_\3", native)
+        native = re.sub(r"\.shared_experts\.(gate|up|down)_proj\.",
+                        lambda m: f".shared_experts.w{ {'gate': 1, 'down': 2, 'up': 3}[m.group(1)]}.", native)
+        if native.endswith(".attn.wo_a.weight"):
+            shape = (shape[0] * shape[1], shape[2])
+        m = re.match(r"^(.*\.ffn)\.switch_mlp\.(gate|up|down)_proj\.weight$", native)
+        if m:
+            w = {"gate": 1, "down": 2, "up": 3}[m.group(2)]
+            for e in range(shape[0]):
+                names[f"{m.group(1)}.experts.{e}.w{w}.weight"] = ((shape[1], shape[2] // 2), "I8")
+                names[f"{m.group(1)}.experts.{e}.w{w}.scale"] = ((shape[1], shape[2] // fp4.GROUP), "F8_E8M0")
+        elif PUBLISHED_FP8.search(native):
+            names[native] = (shape, "F8_E4M3")
+            names[native[: -len("weight")] + "scale"] = ((-(-shape[0] // block), -(-shape[1] // block)), "F8_E8M0")
+        elif native.endswith("tid2eid"):
+            names[native] = (shape, "I64")
+        elif native.endswith(("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")):
+            names[native] = (shape, "F32")
+        else:
+            names[native] = (shape, "BF16")
+    return names

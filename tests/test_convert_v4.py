@@ -564,58 +564,19 @@ def test_expert_usage_is_refused_for_v4(tmp_path, capsys):
 
 # ---- sizes of a Flash-shaped conversion (from the config alone: nothing is read) --------------------
 
-def published_names(args) -> dict:
-    """Every tensor of DeepSeek's published checkpoint for `args`: name -> (shape, dtype), derived
-    from our model's parameters (FP8 and FP4 as model.py declares them; the rest bf16, hyper-
-    connections, sinks, ape and the gate bias float32, tid2eid int64)."""
-    import re
-
-    from mlx.utils import tree_flatten
-
-    from mlx_deepseek.models.deepseek_v4 import Model
-
-    names = {}
-    for name, p in tree_flatten(Model(args, mtp=True).parameters()):
-        shape = tuple(p.shape)
-        native = re.sub(r"^mtp\.(block\.)?", "mtp.0.", name)
-        native = re.sub(r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$", r"\1hc_\2_\3", native)
-        native = re.sub(r"\.shared_experts\.(gate|up|down)_proj\.",
-                        lambda m: f".shared_experts.w{ {'gate': 1, 'down': 2, 'up': 3}[m.group(1)]}.", native)
-        if native.endswith(".attn.wo_a.weight"):
-            shape = (shape[0] * shape[1], shape[2])
-        m = re.match(r"^(.*\.ffn)\.switch_mlp\.(gate|up|down)_proj\.weight$", native)
-        if m:
-            w = {"gate": 1, "down": 2, "up": 3}[m.group(2)]
-            for e in range(shape[0]):
-                names[f"{m.group(1)}.experts.{e}.w{w}.weight"] = ((shape[1], shape[2] // 2), "I8")
-                names[f"{m.group(1)}.experts.{e}.w{w}.scale"] = ((shape[1], shape[2] // 32), "F8_E8M0")
-            continue
-        if re.search(FP8_WEIGHT, native):
-            names[native] = (shape, "F8_E4M3")
-            names[native[: -len("weight")] + "scale"] = ((math.ceil(shape[0] / 128), math.ceil(shape[1] / 128)),
-                                                         "F8_E8M0")
-        elif native.endswith("tid2eid"):
-            names[native] = (shape, "I64")
-        elif native.endswith((".fn", ".base", ".scale", "_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")):
-            names[native] = (shape, "F32")
-        else:
-            names[native] = (shape, "BF16")
-    return names
-
-
 SIZES = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8}
 
 
 def planned(config: dict, *flags):
     """(bytes as published, the plan's output bytes) for `python -m convert` with `flags`."""
     from convert.cli import parse_args
-    from convert.plan_v4 import make_plan_v4
+    from convert.plan_v4 import make_plan_v4, published_tensors
     from convert.recipes import V4_DEFAULT, Quant, Recipe
     from convert.sources import Source, TensorInfo
     from mlx_deepseek.models import args_from_config
 
     args = args_from_config(config)
-    tensors = {n: TensorInfo(s, d, ROOT / "none", SIZES[d] * math.prod(s)) for n, (s, d) in published_names(args).items()}
+    tensors = {n: TensorInfo(s, d, ROOT / "none", SIZES[d] * math.prod(s)) for n, (s, d) in published_tensors(args).items()}
     source = Source(ROOT, config, tensors, lambda name, rows=None: None)
     a = parse_args(["--hf-path", "x", "--mlx-path", "y", *flags])
     recipe = Recipe(Quant(8, 64), V4_DEFAULT) if not flags else Recipe(Quant(a.q_bits or 4, 64), a.recipe)
