@@ -597,3 +597,13 @@ def test_flash_shaped_sizes():
     assert round(default / 1e9, 1) == 158.7
     assert round(two_bits / 1e9, 1) == 91.1
     assert round(mixed / 1e9, 1) == 96.3
+
+
+def test_conversion_memory_benchmark_runs(tmp_path, monkeypatch):
+    """bench.convert_memory_v4 end to end at its smallest (one Flash-shaped layer + MTP), so it does not rot."""
+    from bench import convert_memory_v4
+
+    monkeypatch.setenv("MLX_DEEPSEEK_BENCH_RESULTS", str(tmp_path))
+    assert convert_memory_v4.main(["--layers", "1", "--experts", "6", "--vocab", "1024"]) == 0
+    rows = json.loads((tmp_path / "convert_memory_v4.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["peak_rss_gb"] > 0 and r["output_gb"] > 0 for r in rows)
