@@ -52,7 +52,7 @@ class PromptCache:
     def __init__(self, model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
         self.model = model
         self.cache = model.make_cache(kv_bits, kv_group_size)
-        self.draft_cache = LatentCache() if "mtp" in model else None
+        self.draft_cache = model.make_draft_cache() if "mtp" in model else None
         self.tokens: list[int] = []
         # Caches with lost state (DeepSeek-V4's windows) cannot be trimmed: they rewind to a
         # snapshot (references, no copy) and re-run the tokens after it.
@@ -69,7 +69,8 @@ class PromptCache:
         common = min(common, len(prompt) - 1)
         self.reprefilled = 0
         if self.snapshots is not None:
-            if common < len(self.tokens):
+            settled_at_end = len(self.tokens) in self.snapshots.settled
+            if common < len(self.tokens) or (self.draft_cache is not None and not settled_at_end):
                 self._rewind(common, chunk_size)
             return common
         if self.draft_cache is not None:  # the draft needs the pair of the last reused token
@@ -81,18 +82,50 @@ class PromptCache:
         return common
 
     def _rewind(self, position: int, chunk_size: int) -> None:
-        """Restore the latest snapshot at or before `position`, then run the held tokens up to it."""
+        """Restore the latest snapshot at or before `position` (one taken between prompt chunks when
+        there is an MTP draft cache, whose pairs must match), then run the held tokens up to it."""
         kept = self.tokens[:position]
-        at, snap = self.snapshots.before(position)
+        at, snap = self.snapshots.before(position, settled=self.draft_cache is not None)
+        pending = None
         if snap is None:
             self.cache = self.model.make_cache()
+            if self.draft_cache is not None:
+                self.draft_cache = self.model.make_draft_cache()
         else:
-            for c, s in zip(self.cache, snap):
+            main, draft, pending = snap
+            for c, s in zip(self.cache, main):
                 c.restore(s)
+            if draft is not None:
+                self.draft_cache.restore(draft)
         self.tokens = kept[:at]
-        for start in range(at, position, chunk_size):
-            mx.eval(self.hidden(kept[start : min(position, start + chunk_size)]))
+        if position > at:
+            prefill(self, kept[at:position], chunk_size, pending)
         self.reprefilled = position - at
+
+    def rewind_main(self, tokens: int) -> None:
+        """Drop the last `tokens` tokens from the main cache only (a rejected MTP draft)."""
+        if self.snapshots is None:
+            for c in self.cache:
+                c.trim(tokens)
+            del self.tokens[len(self.tokens) - tokens:]
+            return
+        position = len(self.tokens) - tokens
+        kept = self.tokens[:position]
+        at, snap = self.snapshots.before(position)
+        for c, s in zip(self.cache, snap[0]):
+            c.restore(s)
+        self.tokens = kept[:at]
+        if position > at:
+            self.hidden(kept[at:position])
+
+    def checkpoint(self, pending: Optional[mx.array], settled: bool = False) -> None:
+        """Record a snapshot (untrimmable caches only). `settled`: between prompt chunks, where the
+        draft cache holds exactly the pairs of the main tokens and `pending` is the last hidden state."""
+        if self.snapshots is not None:
+            draft = self.draft_cache.snapshot() if settled and self.draft_cache is not None else None
+            self.snapshots.record(self.cache[0].offset,
+                                  ([c.snapshot(settled) for c in self.cache], draft, pending if settled else None),
+                                  settled)
 
     def __call__(self, tokens: Sequence[int]) -> mx.array:
         """Run `tokens` through the model on this cache; logits of the last position, (1, vocab)."""
@@ -102,13 +135,9 @@ class PromptCache:
         """Run `tokens` through the main model on this cache; final hidden states (1, L, D).
         A lazy (1,) array of one token (decoding) is fed as it is and recorded by `decode`."""
         if isinstance(tokens, mx.array):
-            h = self.model.hidden(tokens[None], cache=self.cache)
-        else:
-            self.tokens.extend(int(t) for t in tokens)
-            h = self.model.hidden(mx.array([list(tokens)]), cache=self.cache)
-        if self.snapshots is not None:
-            self.snapshots.record(self.cache, multi=not isinstance(tokens, mx.array) and len(tokens) > 1)
-        return h
+            return self.model.hidden(tokens[None], cache=self.cache)
+        self.tokens.extend(int(t) for t in tokens)
+        return self.model.hidden(mx.array([list(tokens)]), cache=self.cache)
 
     def draft(self, hidden: mx.array, next_tokens: Sequence[int]) -> mx.array:
         """Feed pairs (h_i, t_{i+1}) to the MTP module; its logits for the last one, (1, vocab)."""
@@ -174,21 +203,21 @@ class PromptCache:
             if c is None or c.offset != len(tokens):
                 raise CacheFileError(f"{path}: layer {i} is missing or does not hold the {len(tokens)} saved tokens")
         self.cache, self.tokens = cache, tokens
+        if self.draft_cache is not None:
+            self.draft_cache = restored.get("draft", self.model.make_draft_cache())
         if self.snapshots is not None:
             self.snapshots = Snapshots()
-            self.snapshots.record(self.cache, multi=True)
-        if self.draft_cache is not None:
-            self.draft_cache = restored.get("draft", LatentCache())
         return json.loads(meta.get("extra") or "{}")
 
 
-def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512):
+def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512,
+            pending: Optional[mx.array] = None):
     """Run a prompt in chunks of `chunk_size` (bounded memory).
 
     Returns the logits of its last token and that token's hidden state (1, 1, D). With an MTP
-    module, every pair (h_i, t_{i+1}) inside the prompt also goes through the draft cache.
+    module, every pair (h_i, t_{i+1}) inside the prompt also goes through the draft cache
+    (`pending`: the hidden state of the token before the prompt, when the draft cache needs it).
     """
-    pending = None  # the hidden state still waiting for its next token
     for start in range(0, len(tokens), chunk_size):
         chunk = tokens[start : start + chunk_size]
         h = prompt_cache.hidden(chunk)
@@ -199,6 +228,7 @@ def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 
                 prompt_cache.draft(pairs[:, : len(following)], following)
         pending = h[:, -1:, :]
         mx.eval(pending, [c.state for c in prompt_cache.cache])
+        prompt_cache.checkpoint(pending, settled=True)
     return prompt_cache.model.logits(pending[:, -1, :]), pending
 
 
@@ -224,6 +254,7 @@ def decode(
     while True:
         # Feed the token while it is still lazy: this step's graph is built before the last one ends.
         following = sample(prompt_cache.model.logits(prompt_cache.hidden(token)[:, -1, :]))
+        prompt_cache.checkpoint(None)
         mx.async_eval(following)
         value = token.item()
         prompt_cache.tokens.append(value)
@@ -283,6 +314,7 @@ def decode_mtp(prompt_cache: PromptCache, logits: mx.array, pending: mx.array, p
     while True:
         draft = policy.sample(draft_logits)
         yield token
+        pc.checkpoint(None)  # before the step: a rejected draft rewinds to here and feeds `token` again
         h = pc.hidden([token, draft])
         target = pc.model.logits(h)
         instead = policy.verify(target[:, 0], draft_logits, draft)
@@ -294,38 +326,45 @@ def decode_mtp(prompt_cache: PromptCache, logits: mx.array, pending: mx.array, p
             token = policy.sample(target[:, 1])
             draft_logits = pc.draft(h, [draft, token])
         else:
-            for c in pc.cache:
-                c.trim(1)
-            pc.tokens.pop()
+            pc.rewind_main(1)
             token = instead
             draft_logits = pc.draft(h[:, :1], [token])
 
 
 class Snapshots:
-    """Snapshots of a cache that cannot be trimmed, by the number of tokens it held: after every
-    prompt chunk, every `every` tokens, and the last `recent` decode steps (a stop string or a
-    rejected draft rewinds a few tokens)."""
+    """Snapshots of a cache that cannot be trimmed (DeepSeek-V4's), by the number of tokens it held:
+    after every prompt chunk ("settled": with the draft cache and the last hidden state, kept), every
+    `every` decoded tokens (kept), and the last `recent` decode steps (a stop string or a rejected
+    draft rewinds a few tokens)."""
 
     every, recent = 256, 4
 
     def __init__(self):
-        self.kept: dict[int, list] = {}
+        self.kept: dict[int, tuple] = {}
+        self.settled: set[int] = set()
         self.latest: list[int] = []
 
-    def record(self, cache: list, multi: bool) -> None:
-        at = cache[0].offset
-        self.kept[at] = [c.snapshot() for c in cache]
-        if not multi and at % self.every:
+    def record(self, at: int, snap: tuple, settled: bool) -> None:
+        if at in self.settled and not settled:
+            return
+        self.kept[at] = snap
+        if settled:
+            self.settled.add(at)
+        elif at % self.every:
             self.latest.append(at)
             if len(self.latest) > self.recent:
-                self.kept.pop(self.latest.pop(0), None)
+                old = self.latest.pop(0)
+                if old not in self.settled:
+                    self.kept.pop(old, None)
 
-    def before(self, position: int):
-        """(offset, snapshot) of the latest snapshot at or before `position` ((0, None) if none);
-        later ones are dropped: the cache is about to leave that future."""
-        at = max((k for k in self.kept if k <= position), default=0)
+    def before(self, position: int, settled: bool = False):
+        """(offset, snapshot) of the latest snapshot at or before `position` ((0, None) if none),
+        only settled ones if asked; later ones are dropped: the cache is about to leave that future."""
+        usable = self.settled if settled else self.kept
+        at = max((k for k in usable if k <= position), default=0)
         for k in [k for k in self.kept if k > at]:
             del self.kept[k]
+        self.settled = {k for k in self.settled if k <= at}
         self.latest = [k for k in self.latest if k <= at]
         return at, self.kept.get(at)
 
@@ -386,8 +425,6 @@ def stream_generate(
     """
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    if mtp and model.model_type == "deepseek_v4":
-        raise ValueError("MTP decoding is not supported for deepseek_v4 yet; run without --mtp")
     if mtp and "mtp" not in model:
         raise ValueError("this model was loaded without its MTP module: load(..., mtp=True)")
     if mtp and (sampler is not None or logits_processors is not None or repetition_penalty):

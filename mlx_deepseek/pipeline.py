@@ -10,6 +10,12 @@ says what comes: a forward of L tokens (through the caches or without them), a r
 cache, or stop. The other ranks hold one set of caches: one conversation at a time, the one of the
 latest `make_cache()`.
 
+DeepSeek-V4 (`deepseek_v4`): what crosses the ring are the hc_mult = 4 hyper-connection streams,
+(B, L, 4, D) -- 4 x 7,168 values per token for V4-Pro, 57 KB in bf16 -- and the token ids (the
+hash-routed layers route by them). Its caches cannot be trimmed: rank 0's snapshots (prompt
+chunks, decode steps) are mirrored on every rank by a SNAPSHOT header with the same offsets and
+the same keeping rule, and a rewind is a RESTORE to one of them.
+
     model, tokenizer = pipeline(path)          # on every rank
     if tokenizer is None:                      # ranks > 0
         model.serve()                          # until rank 0 stops
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 from contextlib import contextmanager
@@ -31,14 +38,18 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .models.config import ModelArgs
+from .models import args_from_config, is_v4
 from .models.cache import make_latent_cache
-from .layout import LAYER, CheckpointError
+from .models.config import ModelArgs
+from .layout import CheckpointError
 from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, read_config, read_model_folder,
                       resolve_model_path, tensor_headers)
+from .generate import Snapshots
 from .models.block import DecoderLayer
 
-FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
+LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")  # MLA checkpoints: model.layers.N; V4: layers.N
+
+FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP, SNAPSHOT, RESTORE = 1, 2, 3, 4, 5, 6, 7
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -75,11 +86,24 @@ def split_layers(per_layer: Sequence[int], rest: int, ranks: int, counts: Option
 
 
 class Stage(nn.Module):
-    """Layers `layers` of the model; with `ends`, also the embedding, the final norm and the head."""
+    """Layers `layers` of the model; with `ends`, also the embedding, the final norm and the head
+    (DeepSeek-V4: also the hyper head)."""
 
-    def __init__(self, args: ModelArgs, layers: range, ends: bool, mtp: bool = False):
+    def __init__(self, args, layers: range, ends: bool, mtp: bool = False):
         super().__init__()
-        self.args, self.span = args, layers
+        self.args, self.span, self.v4 = args, layers, is_v4(args)
+        if self.v4:
+            from .models.deepseek_v4.model import Block, HyperHead, MTPBlock
+
+            self.layers = [Block(args, i) for i in layers]
+            if ends:
+                self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+                self.hc_head = HyperHead(args.hidden_size, args.hc_mult, args.hc_eps, args.rms_norm_eps)
+                self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+                self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            if mtp:
+                self.mtp = MTPBlock(args)
+            return
         self.layers = [DecoderLayer(args, i) for i in layers]
         if ends:
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -91,7 +115,27 @@ class Stage(nn.Module):
 
             self.mtp = MTP(args)
 
-    def run(self, h: mx.array, cache: Sequence) -> mx.array:
+    def make_cache(self, kv_bits=None, kv_group_size: int = 64) -> list:
+        if self.v4:
+            from .models.deepseek_v4.cache import make_v4_cache
+
+            if kv_bits:
+                raise ValueError("--kv-bits is not supported for deepseek_v4 yet")
+            return make_v4_cache(self.args, self.span)
+        return [make_latent_cache(kv_bits, kv_group_size) for _ in self.layers]
+
+    def embed_input(self, tokens: mx.array) -> mx.array:
+        if not self.v4:
+            return self.embed_tokens(tokens)
+        h = self.embed(tokens)
+        return mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.args.hc_mult, h.shape[-1]))
+
+    def run(self, h: mx.array, cache: Sequence, tokens: Optional[mx.array] = None) -> mx.array:
+        if self.v4:
+            cache = cache if cache[0] is not None else self.make_cache()
+            for layer, c in zip(self.layers, cache):
+                h = layer(h, tokens, c)
+            return h
         for layer, c in zip(self.layers, cache):
             h = layer(h, c)
         return h
@@ -105,15 +149,16 @@ def stage_name(name: str, span: range) -> Optional[str]:
         return f"layers.{i - span.start}.{name[m.end():]}" if i in span else None
     if span.start != 0:
         return None
-    return name[len("model."):] if name.startswith("model.") else name
+    return name[len("model."):] if name.startswith("model.") else name  # V4 names have no prefix
 
 
-def model_name(local: str, span: range) -> str:
+def model_name(local: str, span: range, v4: bool = False) -> str:
     """The inverse of `stage_name`: a stage's module path -> the model's (for per-module quantization)."""
+    prefix = "" if v4 else "model."
     if local.startswith("layers."):
         index, rest = local[len("layers."):].split(".", 1)
-        return f"model.layers.{int(index) + span.start}.{rest}"
-    return local if local.startswith(("lm_head", "mtp.")) else "model." + local
+        return f"{prefix}layers.{int(index) + span.start}.{rest}"
+    return local if v4 or local.startswith(("lm_head", "mtp.")) else "model." + local
 
 
 def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stage:
@@ -127,7 +172,7 @@ def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stag
         if local is not None:
             weights[local] = cast_weight(name, value, dtype)
     stage = Stage(args, span, ends=span.start == 0, mtp=mtp)
-    install_weights(stage, weights, defaults, quant_params, folder, lambda p: model_name(p, span))
+    install_weights(stage, weights, defaults, quant_params, folder, lambda p: model_name(p, span, stage.v4))
     mx.eval(stage.parameters())
     return stage
 
@@ -155,7 +200,7 @@ def _header(cmd: int, a: int = 0, b: int = 0, dtype: int = 0) -> mx.array:
 
 class RemoteCache:
     """Rank 0's stand-in for the caches of another rank's layers: mirrors their length, and
-    forwards rewinds along the ring."""
+    forwards rewinds along the ring (trims; for DeepSeek-V4, snapshots and restores)."""
 
     def __init__(self, pipe: "PipelineModel"):
         self.pipe, self.offset = pipe, 0
@@ -168,7 +213,15 @@ class RemoteCache:
         return n
 
     def is_trimmable(self) -> bool:
-        return True
+        return not self.pipe.stage.v4
+
+    def snapshot(self, settled: bool = False) -> int:
+        self.pipe.send_ring(_header(SNAPSHOT, self.offset, int(settled)))
+        return self.offset
+
+    def restore(self, offset: int) -> None:
+        self.pipe.send_ring(_header(RESTORE, offset))
+        self.offset = offset
 
     @property
     def nbytes(self) -> int:
@@ -199,8 +252,17 @@ class PipelineModel:
 
     def make_cache(self, kv_bits=None, kv_group_size: int = 64) -> list:
         """Fresh caches on every rank, plain or quantized (the other ranks make theirs on RESET)."""
+        local = self.stage.make_cache(kv_bits, kv_group_size)
         self.send_ring(_header(RESET, kv_bits or 0, kv_group_size))
-        return [make_latent_cache(kv_bits, kv_group_size) for _ in self.stage.layers] + [RemoteCache(self)]
+        return local + [RemoteCache(self)]
+
+    def make_draft_cache(self):
+        if self.stage.v4:
+            from .models.deepseek_v4.cache import make_v4_cache
+
+            n = self.args.num_hidden_layers
+            return make_v4_cache(self.args, range(n, n + 1))[0]
+        return make_latent_cache()
 
     def send_ring(self, header: mx.array) -> None:
         mx.eval(mx.distributed.send(header, 1, group=self.group))
@@ -208,18 +270,22 @@ class PipelineModel:
     def hidden(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
         local = len(self.stage.layers)
         cache = cache if cache is not None else [None] * (local + 1)
-        h = self.stage.run(self.stage.embed_tokens(tokens), cache[:local])
-        B, L, _ = h.shape
+        h = self.stage.run(self.stage.embed_input(tokens), cache[:local], tokens)
+        B, L = h.shape[:2]
         self.send_ring(_header(FORWARD if cache[local] is not None else FORWARD_UNCACHED, B, L, DTYPES.index(h.dtype)))
+        if self.stage.v4:
+            mx.eval(mx.distributed.send(tokens.astype(mx.int32), 1, group=self.group))
         mx.eval(mx.distributed.send(h, 1, group=self.group))
         with deadline(self.timeout, f"waiting for rank {self.group.size() - 1}'s activations"):
             h = mx.distributed.recv_like(h, self.group.size() - 1, group=self.group)
             mx.eval(h)
         if cache[local] is not None:
             cache[local].offset += L
-        return self.stage.norm(h)
+        return h if self.stage.v4 else self.stage.norm(h)
 
     def logits(self, hidden: mx.array) -> mx.array:
+        if self.stage.v4:
+            return self.stage.head(self.stage.norm(self.stage.hc_head(hidden)))
         if self.args.tie_word_embeddings:
             return self.stage.embed_tokens.as_linear(hidden)
         return self.stage.lm_head(hidden)
@@ -228,6 +294,8 @@ class PipelineModel:
         return self.logits(self.hidden(tokens, cache))
 
     def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> mx.array:
+        if self.stage.v4:
+            return self.stage.head(self.stage.mtp(hidden, self.stage.embed(next_tokens), next_tokens, cache))
         return self.logits(self.stage.mtp(hidden, self.stage.embed_tokens(next_tokens), cache))
 
     def stop(self) -> None:
@@ -242,8 +310,8 @@ class Worker:
 
     def serve(self) -> None:
         rank, size, stage = self.group.rank(), self.group.size(), self.stage
-        cache = [make_latent_cache() for _ in stage.layers]
-        D = stage.args.hidden_size
+        cache, snapshots = stage.make_cache(), Snapshots()
+        shape = (stage.args.hc_mult, stage.args.hidden_size) if stage.v4 else (stage.args.hidden_size,)
         while True:
             header = mx.distributed.recv((4,), mx.int32, rank - 1, group=self.group)  # idle: no deadline
             cmd, a, b, dtype = (int(v) for v in header.tolist())
@@ -256,12 +324,28 @@ class Worker:
                     c.trim(a)
                 continue
             if cmd == RESET:  # a: kv_bits (0: plain), b: kv_group_size
-                cache = [make_latent_cache(a or None, b) for _ in stage.layers]
+                cache, snapshots = stage.make_cache(a or None, b), Snapshots()
+                continue
+            if cmd == SNAPSHOT:  # a: the offset, b: settled (the same keeping rule as rank 0's)
+                snapshots.record(a, [c.snapshot() for c in cache], bool(b))
+                continue
+            if cmd == RESTORE:
+                at, snap = snapshots.before(a)
+                if at != a or snap is None:
+                    raise RuntimeError(f"rank {rank}: no snapshot at {a} tokens to restore (have {sorted(snapshots.kept)})")
+                for c, s in zip(cache, snap):
+                    c.restore(s)
                 continue
             with deadline(self.timeout, f"waiting for rank {rank - 1}'s activations"):
-                h = mx.distributed.recv((a, b, D), DTYPES[dtype], rank - 1, group=self.group)
+                tokens = None
+                if stage.v4:
+                    tokens = mx.distributed.recv((a, b), mx.int32, rank - 1, group=self.group)
+                    mx.eval(tokens)  # now: messages arrive in order
+                    if rank < size - 1:
+                        mx.eval(mx.distributed.send(tokens, rank + 1, group=self.group))
+                h = mx.distributed.recv((a, b, *shape), DTYPES[dtype], rank - 1, group=self.group)
                 mx.eval(h)
-            h = stage.run(h, cache if cmd == FORWARD else [None] * len(cache))
+            h = stage.run(h, cache if cmd == FORWARD else [None] * len(cache), tokens)
             mx.eval(mx.distributed.send(h, (rank + 1) % size, group=self.group))
 
 
@@ -286,7 +370,7 @@ def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout
             f"rank {group.rank()}: the ranks have different model folders or versions (fingerprints "
             f"{prints.tolist()}); give every Mac the same converted folder"
         )
-    args = ModelArgs.from_dict(read_config(folder))
+    args = args_from_config(read_config(folder))
     per_layer, rest = layer_bytes(folder, args)
     spans = split_layers(per_layer, rest, group.size(), layers_split)
     stage = load_stage(folder, spans[group.rank()], mtp=mtp)

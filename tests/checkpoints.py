@@ -137,6 +137,10 @@ V4_VARIANTS = {
     # windows, entries and top-k choices in a few hundred tokens; one hash layer
     "v4_small": dict(num_hidden_layers=4, compress_ratios=[0, 4, 16, 4, 0], num_hash_layers=1, sliding_window=16,
                      index_topk=4),
+    # v4_small with HCA at 128 (transformers' tokenizer loading parses config.json, and its V4
+    # config only knows the ratios 0, 4 and 128): the MTP and chat tests, which load a tokenizer
+    "v4_mtp": dict(num_hidden_layers=4, compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1, sliding_window=16,
+                   index_topk=4),
     # Flash's pattern and windows: two sliding layers, then CSA / HCA(128) alternating; 128-token window
     "v4_flash": dict(num_hidden_layers=5, compress_ratios=[0, 0, 4, 128, 4, 0], num_hash_layers=3,
                      sliding_window=128, index_topk=8),

@@ -16,6 +16,7 @@ from mlx_deepseek.pipeline import pipeline
 folder, out = sys.argv[1], sys.argv[2]
 mtp = "--mtp" in sys.argv
 kv_bits = 4 if "--kv-bits-4" in sys.argv else None
+eos_off = "--no-eos" in sys.argv  # random weights: never stop early
 model, tokenizer = pipeline(folder, timeout=60, mtp=mtp)
 stage = model.stage
 report = {"rank": mx.distributed.init().rank(), "layers": [stage.span.start, stage.span.stop],
@@ -23,6 +24,8 @@ report = {"rank": mx.distributed.init().rank(), "layers": [stage.span.start, sta
 if tokenizer is None:
     model.serve()
 else:
+    if eos_off:
+        tokenizer._eos_token_ids = set()
     prompt = list(range(3, 40))
     report["logits"] = np.array(model(mx.array([prompt]))).tolist()
     conversation = PromptCache(model, kv_bits=kv_bits, kv_group_size=32)

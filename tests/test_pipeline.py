@@ -78,6 +78,25 @@ def test_mtp_drafting_across_the_pipeline_changes_nothing_but_the_steps(tmp_path
     assert 0 < r0["main_steps"] < 24
 
 
+@pytest.mark.parametrize("mtp", [False, True])
+def test_deepseek_v4_across_two_ranks_equals_one_process(tmp_path, mtp):
+    """V4's hyper-connection streams and token ids cross the ring; its snapshot rewinds are mirrored
+    on the other rank (the second turn rewinds into the first reply; MTP rejections rewind a step)."""
+    from checkpoints import build_v4
+
+    folder = build_v4("v4_mtp", "native")
+    r0 = launch(folder, tmp_path / "v4", "--no-eos", *(["--mtp"] if mtp else []), port=5710 + 40 * mtp)
+    model, tokenizer = load(folder, mtp=mtp)
+    tokenizer._eos_token_ids = set()
+    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([PROMPT])))) < 1e-5
+    conversation = PromptCache(model)
+    first = [r.token for r in stream_generate(model, tokenizer, PROMPT, max_tokens=24, prompt_cache=conversation,
+                                              mtp=mtp)]
+    second = [r.token for r in stream_generate(model, tokenizer, PROMPT + first + list(range(50, 60)), max_tokens=24,
+                                               prompt_cache=conversation, mtp=mtp)]
+    assert [r0["first"], r0["second"]] == [first, second]
+
+
 def test_a_quantized_cache_across_the_pipeline_equals_one_process(checkpoint, tmp_path):
     folder = checkpoint("v3", num_hidden_layers=4)
     r0 = launch(folder, tmp_path / "q", "--kv-bits-4", port=5630)

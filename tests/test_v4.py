@@ -19,7 +19,7 @@ from checkpoints import build_v4
 from conftest import SHARED
 
 from mlx_deepseek import ConfigError, load, load_model
-from mlx_deepseek.generate import PromptCache, stream_generate
+from mlx_deepseek.generate import PromptCache, prefill, stream_generate
 from mlx_deepseek.models.deepseek_v4 import Model, V4Args
 from mlx_deepseek.models.deepseek_v4.cache import v4_values_per_token
 
@@ -98,10 +98,10 @@ def test_rewind_to_any_position_equals_fresh_prefill(position):
     first = tokens("v4_small", 300, seed=3)[0].tolist()
     second = first[:position] + tokens("v4_small", 40, seed=4)[0].tolist()
     pc = PromptCache(model)
-    for start in range(0, 240, 60):  # a prefill in chunks, then decode steps
-        pc.hidden(first[start : start + 60])
+    prefill(pc, first[:240], chunk_size=60)  # a prefill in chunks, then decode steps (as `decode` runs them)
     for t in first[240:]:
         pc.hidden(mx.array([t]))
+        pc.checkpoint(None)
         pc.tokens.append(t)
     reused = pc.reuse(second, chunk_size=50)
     assert reused == position and pc.tokens == second[:position]

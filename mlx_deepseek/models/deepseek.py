@@ -64,6 +64,10 @@ class Model(nn.Module):
     def layers(self) -> list:
         return self.model.layers
 
+    def make_draft_cache(self) -> LatentCache:
+        """The MTP module's own latent cache."""
+        return LatentCache()
+
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list[LatentCache]:
         """One latent cache per layer; `kv_bits` (8 or 4) stores the latents quantized."""
         return [make_latent_cache(kv_bits, kv_group_size) for _ in self.layers]

@@ -71,10 +71,15 @@ class Attention(nn.Module):
         if self.ratio:
             entries = self.compressor(x, cache.compressor, self.rope)
             visible = visible_entries(positions, entries.shape[1], self.ratio)
-            if self.ratio == 4:
-                chosen = self.indexer(x, q_latent, cache.indexer, self.rope, offset, visible)
-            else:
+            picked = self.indexer(x, q_latent, cache.indexer, self.rope, offset, visible) if self.ratio == 4 else None
+            if picked is None:  # HCA, or no more entries than index_topk: every visible one
                 chosen = mx.broadcast_to(visible[None], (B, *visible.shape))
+            elif L == 1:  # decoding: read only the picked entries, whatever the context
+                picks, chosen = picked
+                entries = mx.take_along_axis(entries, picks[:, 0, :, None], axis=1)
+            else:  # a prompt chunk: the picks as a mask over all entries
+                picks, valid = picked
+                chosen = mx.put_along_axis(mx.zeros((B, L, entries.shape[1]), mx.bool_), picks, valid, axis=-1)
             keys = mx.concatenate([keys, entries[:, None].astype(keys.dtype)], axis=2)
             mask = mx.concatenate([mask, chosen[:, None]], axis=-1)
         cache.offset = offset + L

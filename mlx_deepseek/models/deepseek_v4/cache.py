@@ -78,8 +78,9 @@ class V4LayerCache:
         self.window = keys[:, :, -(self.window_size - 1):] if self.window_size > 1 else keys[:, :, :0]
         return keys
 
-    def snapshot(self) -> tuple:
-        """The state at this moment, by reference (nothing is copied)."""
+    def snapshot(self, settled: bool = False) -> tuple:
+        """The state at this moment, by reference (nothing is copied). (`settled` matters only to
+        a pipeline's stand-in for other ranks' caches, which mirrors the snapshot rule there.)"""
         return (self.offset, self.window,
                 *(replace(s) if s is not None else None for s in (self.compressor, self.indexer)))
 

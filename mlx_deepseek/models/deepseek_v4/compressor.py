@@ -18,6 +18,8 @@ rounds them to FP4 as in training; like transformers we compute the exact scores
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -88,12 +90,12 @@ class Indexer(nn.Module):
         self.compressor = Compressor(dims, head_dim, 4, eps)
 
     def __call__(self, x: mx.array, q_latent: mx.array, state: CompressorState, rope: PartialRoPE,
-                 offset: int, visible: mx.array) -> mx.array:
-        """-> (B, L, count) bool: the entries each query attends to (visible ones only)."""
+                 offset: int, visible: mx.array) -> Optional[tuple[mx.array, mx.array]]:
+        """Each query's picks among the entries: (indices (B, L, k), valid (B, L, k)), or None when
+        there are at most `index_topk` entries (then every visible one is picked)."""
         keys = self.compressor(x, state, rope)  # keep the indexer's own entries in step
-        count = keys.shape[1]
-        if count <= self.topk:  # every visible entry is picked: no scores needed
-            return mx.broadcast_to(visible[None], (x.shape[0], *visible.shape))
+        if keys.shape[1] <= self.topk:
+            return None
         B, L, _ = x.shape
         q = self.wq_b(q_latent).reshape(B, L, self.heads, self.head_dim).swapaxes(1, 2)
         q = rope(q, offset=offset).astype(mx.float32)  # (B, H, L, d)
@@ -102,5 +104,4 @@ class Indexer(nn.Module):
         score = (scores * w.swapaxes(1, 2)[..., None]).sum(axis=1)  # (B, L, n)
         score = mx.where(visible[None], score, -mx.inf)
         picks = mx.argpartition(-score, kth=self.topk - 1, axis=-1)[..., : self.topk]
-        chosen = mx.put_along_axis(mx.zeros(score.shape, mx.bool_), picks, mx.array(True), axis=-1)
-        return chosen & visible[None]
+        return picks, mx.take_along_axis(mx.broadcast_to(visible[None], score.shape), picks, axis=-1)
