@@ -579,9 +579,11 @@ def planned(config: dict, *flags):
     tensors = {n: TensorInfo(s, d, ROOT / "none", SIZES[d] * math.prod(s)) for n, (s, d) in published_tensors(args).items()}
     source = Source(ROOT, config, tensors, lambda name, rows=None: None)
     a = parse_args(["--hf-path", "x", "--mlx-path", "y", *flags])
-    recipe = Recipe(Quant(8, 64), V4_DEFAULT) if not flags else Recipe(Quant(a.q_bits or 4, 64), a.recipe)
-    plan = make_plan_v4(source, args, recipe, mx.bfloat16, drop_mtp=False)
-    return sum(t.nbytes for t in tensors.values()), plan.nbytes
+    quant = a.quantize or a.q_bits
+    recipe = Recipe(Quant(8, 64), V4_DEFAULT) if not quant else Recipe(Quant(a.q_bits or 4, 64), a.recipe)
+    plan = make_plan_v4(source, args, recipe, mx.bfloat16, drop_mtp=a.drop_mtp)
+    shipped = sum(t.nbytes for n, t in tensors.items() if not (a.drop_mtp and n.startswith("mtp.")))
+    return shipped, plan.nbytes
 
 
 def test_flash_shaped_sizes():
@@ -597,6 +599,9 @@ def test_flash_shaped_sizes():
     assert round(default / 1e9, 1) == 158.7
     assert round(two_bits / 1e9, 1) == 91.1
     assert round(mixed / 1e9, 1) == 96.3
+    # without the MTP block (2.3% of it): what parameter counts of the main model give
+    shipped, default = planned(flash, "--drop-mtp")
+    assert (round(shipped / 1e9, 1), round(default / 1e9, 1)) == (156.0, 155.1)
 
 
 def test_conversion_memory_benchmark_runs(tmp_path, monkeypatch):
