@@ -612,3 +612,19 @@ def test_conversion_memory_benchmark_runs(tmp_path, monkeypatch):
     assert convert_memory_v4.main(["--layers", "1", "--experts", "6", "--vocab", "1024"]) == 0
     rows = json.loads((tmp_path / "convert_memory_v4.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["peak_rss_gb"] > 0 and r["output_gb"] > 0 for r in rows)
+
+
+def test_converted_folder_generates_like_its_source(tmp_path):
+    """load() (model and tokenizer) on the converted folder; experts carried, the rest float32:
+    greedy tokens equal those of the float reference. (v4_flash: transformers' config class, which
+    the tokenizer loader reads, takes compress ratios 0, 4 and 128 only.)"""
+    from mlx_deepseek import load
+    from mlx_deepseek.generate import generate
+
+    pub, ref = published("v4_flash")
+    assert convert(pub, tmp_path / "out", "--dtype", "float32", "--recipe", "routed_experts=4:32:mxfp4") == 0
+    model, tokenizer = load(tmp_path / "out")
+    reference, _ = load(ref)
+    prompt = [5, 17, 33, 2, 90, 41]
+    text = generate(model, tokenizer, prompt, max_tokens=12)
+    assert text and text == generate(reference, tokenizer, prompt, max_tokens=12)
