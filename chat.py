@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--hide-thinking", action="store_true", help="do not show <think> reasoning")
+    p.add_argument("--no-thinking", action="store_true", help="DeepSeek-V4: answer without reasoning (its chat mode)")
     p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     p.add_argument("--kv-bits", type=int, choices=(4, 8),
                    help="store the latent cache in 8 or 4 bits (1.7x / 2.8x smaller in bf16)")
@@ -122,7 +123,12 @@ class Chat:
     def prompt_tokens(self) -> tuple[list[int], bool]:
         """The conversation rendered by the model's own template; and whether it opens a <think>."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        if getattr(self.tokenizer, "chat_template", None):
+        if getattr(self.model, "model_type", None) == "deepseek_v4":  # no Jinja template: DeepSeek's V4 encoding
+            from mlx_deepseek import encoding_v4
+
+            thinking = not getattr(self.args, "no_thinking", False)
+            text = encoding_v4.encode_messages(encoding_v4.split_reasoning(messages), thinking=thinking)
+        elif getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # a base model: a plain transcript
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"

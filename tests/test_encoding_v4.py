@@ -1,0 +1,157 @@
+"""mlx_deepseek.encoding_v4 against DeepSeek's reference V4 encoder (its outputs in tests/data/encoding_v4_cases.json)."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mlx_deepseek import encoding_v4 as v4
+
+CASES = json.loads((Path(__file__).parent / "data" / "encoding_v4_cases.json").read_text())
+CONVERSATIONS = {c["name"]: c for c in CASES["conversations"]}
+REPLIES = {r["name"]: r for r in CASES["replies"]}
+# Where we deliberately differ from the reference, and why.
+TRUNCATED = "truncated tool_calls block: the reference accepts it, we do not"  # a cut-off block is not a call
+
+
+def encode(case_messages, options):
+    options = dict(options)
+    return v4.encode_messages(copy.deepcopy(case_messages), thinking=options.pop("thinking_mode") == "thinking", **options)
+
+
+def test_the_fixtures_cover_what_they_should():
+    assert CASES["source"]["sha256"] == "bdbd57c132a1b3725042323d02b98b9d1df28e5f388f134399555d041f5055e0"
+    assert len(CONVERSATIONS) >= 12 and len(REPLIES) >= 12
+    assert sum(name.startswith("DeepSeek's own golden case") for name in CONVERSATIONS) == 4
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_prompt_equals_the_reference(name):
+    case = CONVERSATIONS[name]
+    messages = copy.deepcopy(case["messages"])
+    assert encode(messages, case["options"]) == case["prompt"]
+    assert messages == case["messages"]  # the caller's messages are not changed
+
+
+@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is None and n != TRUNCATED])
+def test_parse_equals_the_reference(name):
+    r = REPLIES[name]
+    thinking = r["thinking_mode"] == "thinking"
+    assert v4.parse_reply(r["text"], thinking, strict=True) == r["parsed"]
+    assert v4.parse_reply(r["text"], thinking) == r["parsed"]
+
+
+@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is not None] + [TRUNCATED])
+def test_malformed_reply_is_a_clear_error_or_plain_text(name):
+    r = REPLIES[name]
+    thinking = r["thinking_mode"] == "thinking"
+    with pytest.raises(v4.DSMLError):
+        v4.parse_reply(r["text"], thinking, strict=True)
+    plain = v4.parse_reply(r["text"], thinking)
+    assert plain["tool_calls"] == [] and plain["role"] == "assistant"
+    assert plain["reasoning_content"] + (v4.THINK_END if v4.THINK_END in r["text"] else "") + plain["content"] \
+        in (r["text"], r["text"].removesuffix(v4.EOS))
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_every_rendered_assistant_turn_parses_back(name):
+    """Each assistant message of each conversation, rendered alone as the model would write it, parses back."""
+    case = CONVERSATIONS[name]
+    thinking = case["options"]["thinking_mode"] == "thinking"
+    for m in case["messages"]:
+        if m["role"] != "assistant" or m.get("wo_eos"):
+            continue
+        text = v4._render(m, None, True, thinking, True)
+        parsed = v4.parse_reply(text, thinking, strict=True)
+        assert parsed["content"] == (m.get("content") or "")
+        assert parsed["reasoning_content"] == (m.get("reasoning_content") or "" if thinking else "")
+        for got, sent in zip(parsed["tool_calls"], m.get("tool_calls", []), strict=True):
+            assert got["function"]["name"] == sent["function"]["name"]
+            try:
+                expected = json.loads(sent["function"]["arguments"])
+            except ValueError:
+                expected = {"arguments": sent["function"]["arguments"]}
+            assert json.loads(got["function"]["arguments"]) == expected
+        assert v4.parse_reply(text.removesuffix(v4.EOS), thinking, strict=True) == parsed  # EOS is optional
+
+
+def test_request_tools_attach_to_the_system_prompt_or_a_new_one():
+    tools = CONVERSATIONS["tool definitions only"]["messages"][0]["tools"]
+    expected = CONVERSATIONS["tool definitions only"]["prompt"]
+    bare = [{"role": "system", "content": "You can look up the weather."}, {"role": "user", "content": "Weather in Paris?"}]
+    assert v4.encode_messages(bare, tools=tools) == expected
+    alone = v4.encode_messages(bare[1:], tools=tools)
+    assert alone.startswith(v4.BOS + "\n\n## Tools\n")  # an empty system prompt, then the tools and alone.endswith("<｜User｜>Weather in Paris?<｜Assistant｜><think>")
+
+
+def test_dict_arguments_render_as_the_same_json_string_would():
+    # The reference would wrap a dict as one parameter "arguments"; clients that send dicts mean the object.
+    as_string = {"function": {"name": "f", "arguments": '{"a": 1, "b": "x"}'}}
+    as_dict = {"function": {"name": "f", "arguments": {"a": 1, "b": "x"}}}
+    assert v4.render_tool_call(as_dict) == v4.render_tool_call(as_string)
+    with pytest.raises(ValueError, match="JSON object"):
+        v4.render_tool_call({"function": {"name": "f", "arguments": "[1, 2]"}})
+
+
+def test_generation_prompt_can_be_left_off():
+    case = CONVERSATIONS["multi-turn thinking: past reasoning dropped"]
+    prompt = encode(case["messages"], {**case["options"], "add_generation_prompt": False})
+    assert prompt + v4.ASSISTANT + v4.THINK_START == case["prompt"]
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        v4.encode_messages([{"role": "user", "content": "x"}], reasoning_effort="low")
+    with pytest.raises(ValueError, match="role"):
+        v4.encode_messages([{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="string"):
+        v4.encode_messages([{"role": "user", "content": [{"type": "text", "text": "x"}]}])
+
+
+def test_lenient_parse_of_a_reply_cut_off_while_thinking():
+    assert v4.parse_reply("still thinking about it") == {
+        "role": "assistant", "content": "", "reasoning_content": "still thinking about it", "tool_calls": []}
+    assert v4.parse_reply("no tags", thinking=False)["content"] == "no tags"
+
+
+def test_split_reasoning_of_raw_replies():
+    raw = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "because</think>answer"}]
+    assert v4.split_reasoning(raw)[1] == {"role": "assistant", "content": "answer", "reasoning_content": "because"}
+    assert v4.split_reasoning(raw[:1]) == raw[:1]
+
+
+class FakeV4Model:
+    """What chat.Chat reads of a model; the V4 model itself is not written yet."""
+    model_type = "deepseek_v4"
+    args = SimpleNamespace(max_position_embeddings=1 << 20)
+
+    def make_cache(self, *args):
+        return []
+
+    def __contains__(self, name):
+        return False
+
+
+@pytest.mark.parametrize("no_thinking", [False, True])
+def test_chat_renders_deepseek_v4_with_this_encoding(no_thinking, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import chat
+    from test_generate import real_tokenizer
+
+    tokenizer = real_tokenizer("deepseek-v4", tmp_path)  # DeepSeek-V4's own tokenizer: no chat template
+    session = chat.Chat(FakeV4Model(), tokenizer, SimpleNamespace(system="You are a helpful assistant.",
+                                                                  no_thinking=no_thinking), {})
+    # as chat.py keeps a V4 reply: the text after the prompt's <think>, reasoning and answer
+    session.messages = [{"role": "user", "content": "What is 2+2?"},
+                        {"role": "assistant", "content": "Simple addition: 2+2 is 4.</think>2 + 2 = 4."},
+                        {"role": "user", "content": "And 3+3?"}]
+    tokens, thinking = session.prompt_tokens()
+    name = "multi-turn chat: reasoning never rendered" if no_thinking else "multi-turn thinking: past reasoning dropped"
+    expected = CONVERSATIONS[name]["prompt"]
+    assert tokens == tokenizer.encode(expected, add_special_tokens=False) and tokenizer.decode(tokens) == expected
+    assert tokens[0] == tokenizer.bos_token_id and tokens[-1] == tokenizer.convert_tokens_to_ids(
+        v4.THINK_END if no_thinking else v4.THINK_START)
+    assert thinking is not no_thinking
