@@ -11,13 +11,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_deepseek.models import args_from_config, is_v4
 from mlx_deepseek.models.config import ConfigError, ModelArgs
 from mlx_deepseek.layout import CheckpointError
 from mlx_deepseek.loading import MODEL_FILES, read_config, resolve_model_path
 
 from .expert_bits import expert_aware_bits, read_usage
 from .plan import make_plan
-from .recipes import Quant, Recipe, RecipeError
+from .plan_v4 import make_plan_v4
+from .recipes import V4_DEFAULT, Quant, Recipe, RecipeError
 from .sources import open_source
 from .writer import atomic_folder, shard_jobs, write_shard
 
@@ -33,9 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--hf-path", required=True, help="source: a local folder or a Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="the output folder (must not exist, unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4 bits, group 64, affine)")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6 or 8")
+    p.add_argument("--q-bits", type=int, default=None, help="bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)")
     p.add_argument("--q-group-size", type=int, default=None, help="32, 64 or 128 (mx modes fix their own)")
-    p.add_argument("--q-mode", default="affine", help="affine, mxfp4, nvfp4 or mxfp8")
+    p.add_argument("--q-mode", default=None, help="affine (default), mxfp4, nvfp4 or mxfp8")
     p.add_argument("--recipe", help="mixed precision by module kind: a name (mixed-3-6, ...) or rules "
                                     "like 'routed_experts=3,attention=6,embed=8'")
     p.add_argument("--expert-usage", metavar="FILE",
@@ -67,17 +69,31 @@ def convert(args) -> int:
     src = resolve_model_path(args.hf_path, MODEL_FILES + ["*.bin", "*.py"])
     config = read_config(src)
     try:
-        model_args = ModelArgs.from_dict(config)
+        model_args = args_from_config(config)
     except ConfigError as e:
         raise ConfigError(f"{src}: {e}") from None
-    mode_group = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}.get(args.q_mode, 64)
-    default = Quant(args.q_bits, args.q_group_size or mode_group, args.q_mode) if args.quantize else None
-    recipe = Recipe(default, args.recipe)
+    v4 = is_v4(model_args)
+    chosen = args.quantize or args.recipe or any(v is not None for v in (args.q_bits, args.q_group_size, args.q_mode))
+    q_mode, q_bits = args.q_mode or "affine", args.q_bits or 4
+    mode_group = {"mxfp4": 32, "mxfp8": 32, "nvfp4": 16}.get(q_mode, 64)
+    # DeepSeek-V4 with no quantization flags: experts as shipped (mxfp4), the rest at 8 bits; any
+    # of -q, --q-bits, --q-group-size, --q-mode asks for that quantization (as -q does for V2/V3).
+    quantize = args.quantize or (v4 and chosen and not args.recipe)
+    default = Quant(q_bits, args.q_group_size or mode_group, q_mode) if quantize else None
+    if v4 and not chosen:
+        recipe = Recipe(Quant(8, 64), V4_DEFAULT)
+    else:
+        recipe = Recipe(default, args.recipe)
     dtype = DTYPES[args.dtype or _source_dtype(config)]
+    if args.expert_usage and v4:
+        raise RecipeError("--expert-usage: expert-aware bits are not supported for deepseek_v4 yet")
     usage = _expert_aware(args, model_args, recipe, dtype) if args.expert_usage else None
 
     source = open_source(src, config)
-    plan = make_plan(source, model_args, recipe, dtype, args.drop_mtp)
+    if v4:
+        plan = make_plan_v4(source, model_args, recipe, dtype, args.drop_mtp)
+    else:
+        plan = make_plan(source, model_args, recipe, dtype, args.drop_mtp)
     free = shutil.disk_usage(dst.parent if dst.parent.exists() else Path.cwd()).free
     if plan.nbytes * 1.01 + 64e6 > free:
         raise OSError(f"{dst.parent}: the output needs {plan.nbytes / 1e9:.2f} GB, only {free / 1e9:.2f} GB free")

@@ -164,24 +164,26 @@ def _tensor_job(source: Source, name: str, recipe: Recipe, dtype: mx.Dtype) -> J
 def _matrix_job(source: Source, module: str, parts: list[str], q: Optional[Quant], dtype: mx.Dtype,
                 transform: Callable[[mx.array], mx.array] = lambda w: w, shape: Optional[tuple] = None,
                 stacked: bool = False) -> Job:
-    """One module's weight, from one tensor or stacked from several (experts), quantized or not."""
+    """One module's weight, from one tensor or stacked from several (experts), quantized or not.
+    `parts` are source tensor names, or functions that read one part (a slice of a tensor)."""
     shape = shape or source.tensors[parts[0]].shape
     lead = (len(parts),) if stacked else ()
     count = len(parts)
     for d in shape:
         count *= d
+    reads = [p if callable(p) else (lambda p=p: source.read(p)) for p in parts]  # names, or readers
     if not _quantizable(q, shape):
         def produce_float():
-            for p in parts:
-                yield transform(source.read(p)).astype(dtype)
+            for read in reads:
+                yield transform(read()).astype(dtype)
         return Job([OutTensor(f"{module}.weight", lead + shape, dtype)], produce_float, count)
 
     outputs = [OutTensor(f"{module}.{suffix}", lead + s, d) for suffix, s, d in quantized_shapes(shape, q, dtype)]
 
     def produce():
         rest = [[] for _ in outputs[1:]]
-        for p in parts:
-            w, *others = mx.quantize(transform(source.read(p)).astype(dtype), q.group_size, q.bits, mode=q.mode)
+        for read in reads:
+            w, *others = mx.quantize(transform(read()).astype(dtype), q.group_size, q.bits, mode=q.mode)
             mx.eval(w, *others)
             yield w
             for keep, o in zip(rest, others):

@@ -17,16 +17,25 @@ GROUP_SIZES = (32, 64, 128)
 # A stack of the experts quantized at one width (the expert-aware recipe).
 WIDTH_STACK = re.compile(r"\.switch_mlp\.bits(\d+)\.")
 
-# Module kinds, from the output module path. Routers, norms and the correction bias are never quantized.
+# Module kinds, from the output module path (DeepSeek-V2/V3 names, and DeepSeek-V4's: `embed`,
+# `head`, `layers.N.attn.*`, `layers.N.ffn.*`, `mtp.*`). Routers, norms, the correction bias and
+# V4's hyper-connections, sinks, window biases (ape) and tid2eid are in no kind: never quantized.
 KINDS = {
-    "embed": re.compile(r"(^|\.)embed_tokens$"),
-    "head": re.compile(r"(^lm_head|shared_head\.head)$"),
-    "attention": re.compile(r"\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|embed_q|unembed_out|o_proj)$"),
-    "routed_experts": re.compile(r"\.mlp\.switch_mlp\.(bits\d+\.)?(gate_proj|up_proj|down_proj)$"),
-    "shared_experts": re.compile(r"\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)$"),
+    "embed": re.compile(r"((^|\.)embed_tokens|^embed)$"),
+    "head": re.compile(r"(^lm_head|shared_head\.head|^head)$"),
+    "attention": re.compile(r"\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|embed_q|unembed_out|o_proj)$"
+                           r"|\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)$"),
+    "compressor": re.compile(r"\.attn\.(indexer\.)?compressor\.(wkv|wgate)$"),   # V4: pooling of keys
+    "indexer": re.compile(r"\.attn\.indexer\.(wq_b|weights_proj)$"),            # V4: CSA's top-k scorer
+    "routed_experts": re.compile(r"\.(mlp|ffn)\.switch_mlp\.(bits\d+\.)?(gate_proj|up_proj|down_proj)$"),
+    "shared_experts": re.compile(r"\.(mlp|ffn)\.shared_experts\.(gate_proj|up_proj|down_proj)$"),
     "dense_mlp": re.compile(r"\.mlp\.(gate_proj|up_proj|down_proj)$"),
-    "mtp_projection": re.compile(r"\.eh_proj$"),
+    "mtp_projection": re.compile(r"\.eh_proj$|^mtp\.(e_proj|h_proj)$"),
 }
+
+# DeepSeek-V4 without -q/--q-bits/--recipe: routed experts as shipped (FP4 = mxfp4, carried over
+# byte for byte), everything else quantizable at 8 bits.
+V4_DEFAULT = "routed_experts=4:32:mxfp4"
 
 RECIPES = {
     "mixed-2-6": "routed_experts=2,attention=6,shared_experts=6,dense_mlp=6,embed=8,head=8",

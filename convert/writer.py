@@ -15,7 +15,8 @@ import numpy as np
 
 from .plan import Plan
 
-ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
+ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8",
+             mx.int32: "I32"}
 
 
 def shard_jobs(plan: Plan, max_bytes: int) -> list[list]:

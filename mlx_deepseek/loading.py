@@ -20,12 +20,12 @@ from mlx.utils import tree_unflatten
 
 from .models.config import ConfigError, ModelArgs
 from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_model_layout
-from .layout_v4 import to_v4_layout
+from .layout_v4 import port_module_names, to_v4_layout
 from .models import args_from_config, is_v4, model_class
 from .models.moe import MixedPrecisionExperts, RoutedExperts
 
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-                      "F8_E4M3", "F8_E5M2"}
+                      "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 # The aliases under which mlx-lm's config.json may give a per-module quantization.
 QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
 
@@ -139,9 +139,12 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
         absent = sorted(promised - header.keys())
         if absent:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
-        if any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
+        fp4 = [k for k, info in header.items() if isinstance(info, dict) and info.get("dtype") == "I8"
+               and k.endswith(".weight") and k[: -len("weight")] + "scale" in header]
+        if fp4 or any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
             raise CheckpointError(
-                f"{file}: FP8 weights; convert the checkpoint first: python -m convert --hf-path {folder} ..."
+                f"{file}: FP8{'/FP4' if fp4 else ''} weights; convert the checkpoint first: "
+                f"python -m convert --hf-path {folder} ..."
             )
         weights.update(mx.load(str(file)))
     return weights
@@ -166,7 +169,8 @@ def quantization_of(config: dict, args: ModelArgs):
     def params(path: str):
         path = checkpoint_module_name(path, args)
         stem, _, leaf = path.rpartition(".")
-        for alias in [path] + [f"{stem}.{a}" for a in QUANT_ALIASES.get(leaf, ())]:
+        aliases = port_module_names(path) if is_v4(args) else [f"{stem}.{a}" for a in QUANT_ALIASES.get(leaf, ())]
+        for alias in [path] + aliases:
             if alias in q:
                 return q[alias] and {**defaults, **q[alias]}
         return defaults
