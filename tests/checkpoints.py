@@ -53,13 +53,18 @@ def settings(variant: str, **overrides) -> dict:
 def build(variant: str, dtype: str = "float32", **overrides) -> Path:
     """Path to the checkpoint folder of `variant` (saved in `dtype`), building it if needed."""
     s = settings(variant, **overrides)
-    key = hashlib.sha1(json.dumps([s, dtype], sort_keys=True).encode()).hexdigest()[:10]
-    folder = ROOT / f"{variant}-{dtype}-{key}"
+    return cached(f"{variant}-{dtype}", [s, dtype], lambda tmp: _write(s, dtype, tmp))
+
+
+def cached(name: str, key, write) -> Path:
+    """ROOT/name-<hash of key>, written by `write(folder)` into a temporary folder once, then renamed."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    folder = ROOT / f"{name}-{digest}"
     if (folder / "config.json").exists():
         return folder
     tmp = folder.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write(s, dtype, tmp)
+    write(tmp)
     tmp.rename(folder)
     return folder
 
@@ -161,15 +166,7 @@ def build_v4(variant: str, layout: str = "hf", **overrides) -> Path:
     """A tiny random DeepSeek-V4 folder: `layout="hf"` as transformers 5 saves it (its config keys
     and names), `"native"` with DeepSeek's published config keys and tensor names (and an MTP block)."""
     s = v4_settings(variant, **overrides)
-    key = hashlib.sha1(json.dumps([s, layout, 2], sort_keys=True).encode()).hexdigest()[:10]
-    folder = ROOT / f"{variant}-{layout}-{key}"
-    if (folder / "config.json").exists():
-        return folder
-    tmp = folder.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_v4(s, layout, tmp)
-    tmp.rename(folder)
-    return folder
+    return cached(f"{variant}-{layout}", [s, layout, 2], lambda tmp: _write_v4(s, layout, tmp))
 
 
 def hf_v4_config(s: dict):
