@@ -164,7 +164,9 @@ class BatchLatentCache:
     def extract(self, row: int) -> LatentCache:
         """Row `row` as a cache of its own (a copy of its tokens)."""
         c = make_latent_cache(self.bits, self.group_size)
-        c.state = [b[row : row + 1, :, : self.lengths[row], :] for b in self.buffers]
+        one = lambda x: mx.array(1, x.dtype)  # noqa: E731
+        # times one: a buffer of its own, so the batch's buffers are not kept alive through it
+        c.state = [b[row : row + 1, :, : self.lengths[row], :] * one(b) for b in self.buffers]
         return c
 
     def keep(self, rows: list[int]) -> None:
