@@ -44,7 +44,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(folder: Path, *flags: str, timeout: float = 90.0):
     """Start `python -m mlx_deepseek.server` on a free loopback port; yields its base URL."""
-    import httpx
+    import httpx2 as httpx
 
     port = free_port()
     log = open(folder.parent / f"server-{port}.log", "w")

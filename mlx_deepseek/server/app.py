@@ -49,6 +49,11 @@ FIELDS = {
 }
 
 
+KIND_NAMES = {NUMBER: "a number", INT: "an integer", STR: "a string", BOOL: "a boolean", LIST: "an array",
+              DICT: "an object", (str, list): "a string or an array", (str, dict): "a string or an object",
+              (bool, int): "a boolean or an integer"}
+
+
 def field(body: dict, name: str, default=None):
     value = body.get(name)
     if value is None:
@@ -56,9 +61,8 @@ def field(body: dict, name: str, default=None):
     kind = FIELDS[name]
     wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind in (INT, NUMBER) and name != "logprobs")
     if wrong:
-        names = {NUMBER: "a number", INT: "an integer", STR: "a string", BOOL: "a boolean", LIST: "an array",
-                 DICT: "an object"}.get(kind, " or ".join(k.__name__ for k in kind))
-        raise APIError(400, f"'{name}' must be {names}, got {json.dumps(value)[:60]}", param=name, code="invalid_type")
+        raise APIError(400, f"'{name}' must be {KIND_NAMES[kind]}, got {json.dumps(value)[:60]}", param=name,
+                       code="invalid_type")
     return value
 
 
@@ -177,9 +181,7 @@ def normalize_message(m: Any, i: int) -> dict:
             m["tool_calls"] = fixed
         elif "tool_calls" in m:
             del m["tool_calls"]
-    if content is None and m["role"] != "assistant":
-        content = ""
-    m["content"] = content if content is not None or m.get("tool_calls") else (content or "")
+    m["content"] = content or ""  # (transformers drops a None content; the templates render "" alike)
     return m
 
 
