@@ -7,6 +7,7 @@ A screenshot is kept in the test's tmp_path (printed with -s)."""
 import base64
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -16,6 +17,8 @@ from server_helpers import free_port, r1_tiny, running_server
 
 websocket = pytest.importorskip("websocket")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+if CHROMIUM is None and os.environ.get("CI") == "true":
+    raise RuntimeError("CI needs Chromium for the page test: .ci/run installs Debian's chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
 
 
