@@ -108,3 +108,27 @@ def test_a_good_call_before_a_broken_one_is_kept():
 
 def test_no_tools_leaves_markers_as_text():
     assert parse_reply(V31, tools=False)["content"] == V31
+
+
+def test_stream_deltas_are_valid_openai_chunks_and_add_up_to_the_calls():
+    """The server's delta objects for a streamed R1 reply with tool calls, read by the openai client's own types."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from mlx_deepseek.server.app import chat_events
+
+    parser = ReplyParser(thinking=False)
+    deltas = [d for i in range(0, len(R1), 7) for d in chat_events(parser, R1[i : i + 7])]
+    deltas += chat_events(parser, "", final=True)
+    calls, reasoning, content = {}, "", ""
+    for d in deltas:
+        chunk = ChatCompletionChunk.model_validate({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                                    "model": "m", "choices": [{"index": 0, "delta": d}]})
+        delta = chunk.choices[0].delta
+        reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+            entry["arguments"] += tc.function.arguments or ""
+    assert reasoning == EXPECTED["r1"][1] and content == EXPECTED["r1"][2]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == EXPECTED["r1"][3]
+    assert all(c["id"].startswith("call_") for c in calls.values())
