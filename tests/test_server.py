@@ -219,3 +219,24 @@ def test_sse_is_plain_text_event_stream(url):
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_cache_dir_keeps_warm_conversations_across_a_restart_and_cors(folder, tmp_path):
+    messages = [{"role": "user", "content": "Remember this conversation. " * 10}]
+    body = {"messages": messages, "max_tokens": 3, "temperature": 0}
+    flags = ("--cache-dir", str(tmp_path / "caches"), "--allowed-origins", "http://localhost:3000")
+    with running_server(folder, *flags) as u:
+        first = httpx.post(u + "/v1/chat/completions", json=body).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        preflight = httpx.options(u + "/v1/chat/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers.get("access-control-allow-origin") == "http://localhost:3000"
+        other = httpx.options(u + "/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    assert len(list((tmp_path / "caches").glob("*.safetensors"))) == 1
+    with running_server(folder, *flags) as u:
+        assert httpx.get(u + "/health").json()["cache"]["entries"] == 1
+        again = httpx.post(u + "/v1/chat/completions", json=body).json()
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["prompt_tokens"] - 1
+        assert again["choices"][0]["message"] == first["choices"][0]["message"]
