@@ -240,3 +240,27 @@ def test_cache_dir_keeps_warm_conversations_across_a_restart_and_cors(folder, tm
         again = httpx.post(u + "/v1/chat/completions", json=body).json()
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["prompt_tokens"] - 1
         assert again["choices"][0]["message"] == first["choices"][0]["message"]
+
+
+def test_mtp_serves_the_plain_greedy_reply():
+    """--mtp (tinyseek's own MTP layer drafts): the same greedy tokens, in fewer main steps."""
+    from conftest import SHARED
+
+    from mlx_deepseek import load
+    from mlx_deepseek.generate import generate
+
+    tiny = SHARED / "models/tinyseek-py"
+    model, tokenizer = load(tiny)
+    prompt = tokenizer.encode("import os\nimport sys\n\ndef main():\n")
+    expected = generate(model, tokenizer, prompt, 24, temp=0.0)
+    with running_server(tiny, "--mtp") as u:
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+        r = httpx.post(u + "/v1/completions", json=body).json()
+        assert r["choices"][0]["text"] == expected
+        steps = httpx.get(u + "/health").json()["decode_steps"]
+        assert 0 < steps < 24  # drafts were accepted: fewer main forwards than tokens
+        again = httpx.post(u + "/v1/completions", json=body).json()
+        assert again["choices"][0]["text"] == expected
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1
+        refused = httpx.post(u + "/v1/completions", json={**body, "logprobs": 2})
+        assert refused.status_code == 400 and "--mtp" in refused.json()["error"]["message"]

@@ -112,6 +112,9 @@ class Server:
             raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
         if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: an integer
             logprobs, top = True, min(max(logprobs, 0), 20)
+        if self.settings.mtp and (logprobs or field(body, "repetition_penalty")):
+            raise APIError(400, "with --mtp the server samples exactly from the model's distribution by speculative "
+                                "decoding: logprobs and repetition_penalty are not available", param="logprobs")
         temp = field(body, "temperature", self.sampling["temp"])
         top_p = field(body, "top_p", self.sampling["top_p"])
         if temp < 0 or not 0 <= top_p <= 1:

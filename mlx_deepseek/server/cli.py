@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per prefill chunk")
     p.add_argument("--kv-bits", type=int, choices=(4, 8), help="store the latent caches in 8 or 4 bits")
     p.add_argument("--kv-group-size", type=int, default=64)
-    p.add_argument("--mtp", action="store_true", help="not yet in the server (see the README)")
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the model's MTP layer (V3, R1, V3.1); one request at a time")
     p.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive comment interval while waiting")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
@@ -48,7 +49,7 @@ def load_into(server, args) -> None:
         from .scheduler import Scheduler, prompt_cache_factory
 
         folder = resolve_model_path(args.model)
-        model, tokenizer = load(folder)
+        model, tokenizer = load(folder, mtp=args.mtp)
         defaults = sampling_defaults(folder)
         server.sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],
                            "top_p": args.top_p if args.top_p is not None else defaults["top_p"]}
@@ -57,7 +58,7 @@ def load_into(server, args) -> None:
                             prompt_cache_factory(model, args.kv_bits, args.kv_group_size))
         store.load_directory()
         scheduler = Scheduler(model, tokenizer, store, args.max_concurrency, args.prefill_step_size,
-                              args.kv_bits, args.kv_group_size)
+                              args.kv_bits, args.kv_group_size, mtp=args.mtp)
         scheduler.start()
         server.scheduler = scheduler
     except Exception as e:  # /health reports it; the routes answer 503
@@ -67,10 +68,6 @@ def load_into(server, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.mtp:
-        print("error: --mtp is not supported by the server yet (batched decoding does not draft); "
-              "use chat.py --mtp", file=sys.stderr)
-        return 2
     import uvicorn
 
     from .app import Server, build_app

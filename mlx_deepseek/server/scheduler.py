@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from ..generate import PromptCache, StopText
+from ..generate import DraftPolicy, PromptCache, Stats, StopText, decode_mtp, prefill
 from ..models.cache import BatchLatentCache
 from .prompt_cache import PromptStore
 
@@ -86,9 +86,13 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, model, tokenizer, store: PromptStore, max_concurrency: int = 8,
-                 prefill_step_size: int = 512, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+                 prefill_step_size: int = 512, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                 mtp: bool = False):
         self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.max_concurrency = max_concurrency
+        # MTP drafts for one sequence at a time (speculative steps are not batched): requests take
+        # turns on one PromptCache, which keeps the main and the draft caches and reuses its prefix.
+        self.mtp = PromptCache(model, kv_bits, kv_group_size) if mtp else None
+        self.max_concurrency = 1 if mtp else max_concurrency
         self.prefill_step_size = prefill_step_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.queue: "queue.Queue[Request]" = queue.Queue()
@@ -128,6 +132,8 @@ class Scheduler:
                 self.prefilling, self.running, self.batch = [], [], None
 
     def _turn(self) -> None:
+        if self.mtp is not None:
+            return self._turn_mtp()
         self._admit(block=not (self.prefilling or self.running))
         for s in [s for s in self.prefilling if s.req.cancelled.is_set()]:
             self.prefilling.remove(s)
@@ -203,6 +209,38 @@ class Scheduler:
                     b.keep(keep)
             else:
                 self.batch = None
+
+    def _turn_mtp(self) -> None:
+        """Serve one request to its end with speculative decoding (the next waits in the queue)."""
+        try:
+            req = self.queue.get(timeout=0.05)
+        except queue.Empty:
+            return
+        if req.cancelled.is_set():
+            return
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        pc = self.mtp
+        reused = pc.reuse(req.prompt)
+        s = Sequence(req, None, reused, self.tokenizer)
+        s.last_logprobs = None
+        logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
+        stats = Stats()
+        steps = decode_mtp(pc, logits, pending, DraftPolicy(req.temp, req.top_p, req.min_p, req.top_k), stats)
+        reason = None
+        for token in steps:
+            s.generated.append(token)
+            s.first_token_at = s.first_token_at or time.perf_counter()
+            if req.cancelled.is_set():
+                reason = "cancelled"
+            elif self._emit(s, token):
+                reason = self._reason
+            if reason:
+                break
+        steps.close()
+        self.steps += stats.main_steps
+        s.held = list(pc.tokens)
+        self._finish(s, reason, None)
 
     def _sample(self, s: Sequence, logits: mx.array) -> int:
         if s.processors:
