@@ -264,3 +264,31 @@ def test_mtp_serves_the_plain_greedy_reply():
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1
         refused = httpx.post(u + "/v1/completions", json={**body, "logprobs": 2})
         assert refused.status_code == 400 and "--mtp" in refused.json()["error"]["message"]
+
+
+def test_health_is_503_until_a_model_is_loaded_and_says_why(tmp_path):
+    import subprocess
+    import sys
+
+    from server_helpers import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_deepseek.server", "--model", str(tmp_path / "missing"),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                health = httpx.get(url + "/health", timeout=2)
+                if health.json()["status"] == "error":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert health.status_code == 503 and "could not load" in health.json()["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

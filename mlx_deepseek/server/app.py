@@ -218,7 +218,10 @@ class Events:
         self.loop = loop
 
     def emit(self, event: tuple) -> None:  # called on the generation thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (shutting down): nobody is listening
+            pass
 
 
 def usage(finish: Finish) -> dict:
