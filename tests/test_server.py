@@ -292,3 +292,38 @@ def test_health_is_503_until_a_model_is_loaded_and_says_why(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_tool_call_the_model_generates_comes_back_as_tool_calls():
+    """A model whose weights script its reply (reasoning, content, then a DeepSeek tool call): the
+    server parses what it really generated, whole and streamed, with the openai client."""
+    from server_helpers import scripted
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    with running_server(scripted()) as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0, max_tokens=60)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.model_dump()["reasoning_content"] == "Let me check."
+        assert choice.message.content == "Sure"
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+        chunks = list(c.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0,
+                                                max_tokens=60, stream=True))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        name = "".join(tc.function.name or "" for d in deltas for tc in d.tool_calls or [])
+        args = "".join(tc.function.arguments or "" for d in deltas for tc in d.tool_calls or [])
+        assert name == "get_weather" and json.loads(args) == {"city": "Paris"}
+        assert "".join(d.content or "" for d in deltas) == "Sure"
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+
+        # the call and its result go back through the template for the next turn
+        follow = messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+        r2 = c.chat.completions.create(model="default", messages=follow, tools=tools, temperature=0, max_tokens=3)
+        # R1's template keeps a tool-calling turn's content as sent (reasoning included): the history
+        # matches the cache up to the "\n" after <think> that the generation prompt added
+        assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
