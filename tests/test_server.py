@@ -221,10 +221,11 @@ def test_sse_is_plain_text_event_stream(url):
     assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
 
 
-def test_cache_dir_keeps_warm_conversations_across_a_restart_and_cors(folder, tmp_path):
+def test_cache_dir_keeps_warm_8bit_caches_across_a_restart_and_cors(folder, tmp_path):
     messages = [{"role": "user", "content": "Remember this conversation. " * 10}]
     body = {"messages": messages, "max_tokens": 3, "temperature": 0}
-    flags = ("--cache-dir", str(tmp_path / "caches"), "--allowed-origins", "http://localhost:3000")
+    flags = ("--cache-dir", str(tmp_path / "caches"), "--allowed-origins", "http://localhost:3000",
+             "--kv-bits", "8", "--kv-group-size", "32")  # quantized caches, served and saved as such
     with running_server(folder, *flags) as u:
         first = httpx.post(u + "/v1/chat/completions", json=body).json()
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
