@@ -328,3 +328,20 @@ def test_a_tool_call_the_model_generates_comes_back_as_tool_calls():
         # R1's template keeps a tool-calling turn's content as sent (reasoning included): the history
         # matches the cache up to the "\n" after <think> that the generation prompt added
         assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+
+
+def test_a_seed_gives_the_same_sampled_reply_alone_or_among_others(client):
+    def ask(seed, prompt=(0, 7, 8, 9)):
+        return client.completions.create(model="default", prompt=list(prompt), max_tokens=12, temperature=1.0,
+                                         top_p=0.9, seed=seed).choices[0].text
+
+    alone = ask(1234)
+    results = {}
+    jobs = [(i, 1234 if i % 2 == 0 else 99 + i) for i in range(6)]
+    threads = [threading.Thread(target=lambda i=i, s=s: results.__setitem__(i, ask(s))) for i, s in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i, s in jobs if s == 1234] == [alone] * 3
+    assert len({results[i] for i, s in jobs if s != 1234} | {alone}) > 1  # other seeds sample otherwise

@@ -64,6 +64,27 @@ class Finish:
     decode_seconds: float
 
 
+def seeded_sampler(req: Request):
+    """mlx-lm's filters in its order, then a draw from this request's own random key: the same seed
+    gives the same reply whether the request is served alone or beside others."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    key = mx.random.key(req.seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        if 0 < req.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, req.top_p)
+        if req.min_p:
+            logprobs = apply_min_p(logprobs, req.min_p, 1)
+        if req.top_k > 0:
+            logprobs = apply_top_k(logprobs, req.top_k)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1.0 / req.temp), key=sub)
+
+    return sample
+
+
 class Sequence:
     """A request being served: its cache while prefilling, then its row in the batch."""
 
@@ -76,7 +97,10 @@ class Sequence:
         self.pending = req.prompt[reused:]    # prompt tokens still to prefill
         self.held = list(req.prompt[:reused])  # tokens its cache holds
         self.generated: list[int] = []
-        self.sampler = make_sampler(temp=req.temp, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k)
+        if req.seed is not None and req.temp > 0:
+            self.sampler = seeded_sampler(req)
+        else:
+            self.sampler = make_sampler(temp=req.temp, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k)
         self.processors = make_logits_processors(repetition_penalty=req.repetition_penalty)
         self.detokenizer = tokenizer.detokenizer
         self.stop_text = StopText(req.stop)
@@ -152,8 +176,6 @@ class Scheduler:
             block = False
             if req.cancelled.is_set():
                 continue
-            if req.seed is not None:
-                mx.random.seed(req.seed)
             caches, reused = self.store.take(req.prompt)
             if caches is None:
                 caches = self.model.make_cache(self.kv_bits, self.kv_group_size)
