@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                     row.update(turns)
     result = {"machine": machine(), "profile": args.profile, "model": folder.name, "reply_tokens": max_tokens, "rows": rows}
     (out / f"server-{args.profile}.json").write_text(json.dumps(result, indent=2))
-    print(f"| server | clients | TTFT p50 s | TTFT p95 s | aggregate tok/s | 1st-turn TTFT s | 2nd-turn TTFT s |")
+    print("| server | clients | TTFT p50 s | TTFT p95 s | aggregate tok/s | 1st-turn TTFT s | 2nd-turn TTFT s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {r['aggregate_tps']:.1f} | "

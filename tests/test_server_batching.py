@@ -5,7 +5,6 @@ import mlx.core as mx
 import pytest
 
 from mlx_deepseek import load_model
-from mlx_deepseek.generate import generate
 from mlx_deepseek.models.cache import BatchLatentCache
 
 PROMPTS = [[5, 17, 33], [9, 4, 120, 77, 31, 8, 2, 61, 140, 3, 12], [44] * 300]

@@ -106,6 +106,7 @@ class Sequence:
         self.stop_text = StopText(req.stop)
         self.started = time.perf_counter()
         self.first_token_at: Optional[float] = None
+        self.last_logprobs: Optional[mx.array] = None
 
 
 class Scheduler:
@@ -192,8 +193,9 @@ class Scheduler:
         self.prefilling.remove(s)
         token = self._sample(s, logits)
         s.first_token_at = time.perf_counter()
-        if self._emit(s, token):
-            self._finish_alone(s, self._reason)
+        reason = self._emit(s, token)
+        if reason:
+            self._finish_alone(s, reason)
             return
         rows = [BatchLatentCache.from_caches([c]) for c in s.caches]
         s.caches = None
@@ -216,9 +218,9 @@ class Scheduler:
             if s.req.cancelled.is_set():
                 done.append((row, s, "cancelled"))
                 continue
-            token = self._sample(s, logits[row : row + 1])
-            if self._emit(s, token):
-                done.append((row, s, self._reason))
+            reason = self._emit(s, self._sample(s, logits[row : row + 1]))
+            if reason:
+                done.append((row, s, reason))
             else:
                 keep.append(row)
         for row, s, reason in done:
@@ -245,7 +247,6 @@ class Scheduler:
         pc = self.mtp
         reused = pc.reuse(req.prompt)
         s = Sequence(req, None, reused, self.tokenizer)
-        s.last_logprobs = None
         logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
         stats = Stats()
         steps = decode_mtp(pc, logits, pending, DraftPolicy(req.temp, req.top_p, req.min_p, req.top_k), stats)
@@ -253,10 +254,7 @@ class Scheduler:
         for token in steps:
             s.generated.append(token)
             s.first_token_at = s.first_token_at or time.perf_counter()
-            if req.cancelled.is_set():
-                reason = "cancelled"
-            elif self._emit(s, token):
-                reason = self._reason
+            reason = "cancelled" if req.cancelled.is_set() else self._emit(s, token)
             if reason:
                 break
         steps.close()
@@ -275,8 +273,8 @@ class Scheduler:
         s.last_logprobs = logprobs if s.req.logprobs is not None else None
         return token
 
-    def _emit(self, s: Sequence, token: int) -> bool:
-        """Send the token's text; True when the sequence ends here (reason in self._reason)."""
+    def _emit(self, s: Sequence, token: int) -> Optional[str]:
+        """Send the token's text; the finish reason when the sequence ends here, else None."""
         piece = Piece("", token)
         if s.last_logprobs is not None:
             lp = s.last_logprobs[0]
@@ -286,24 +284,22 @@ class Scheduler:
                 piece.top = [(t, float(lp[t].item())) for t in top]
         if token in self.eos:
             piece.text = s.stop_text.flush()
-            self._reason = "stop"
             s.req.emit(("token", piece))
-            return True
+            return "stop"
         s.detokenizer.add_token(token)
         text, stopped = s.stop_text.add(s.detokenizer.last_segment)
         if stopped:
-            piece.text, self._reason = text, "stop"
+            piece.text = text
             s.req.emit(("token", piece))
-            return True
+            return "stop"
         if len(s.generated) >= s.req.max_tokens:
             s.detokenizer.finalize()
             piece.text = text + s.stop_text.add(s.detokenizer.last_segment)[0] + s.stop_text.flush()
-            self._reason = "length"
             s.req.emit(("token", piece))
-            return True
+            return "length"
         piece.text = text
         s.req.emit(("token", piece))
-        return False
+        return None
 
     def _finish_alone(self, s: Sequence, reason: str) -> None:
         self._finish(s, reason, s.caches)
