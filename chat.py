@@ -9,12 +9,13 @@ reasoning is shown dimmed under a header (or hidden), and a one-line summary fol
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from mlx_deepseek.chat_template import THINK_END, THINK_START
+from mlx_deepseek.generate import sampling_defaults
+
 DEFAULT_MODEL = "mlx-community/DeepSeek-V2-Lite-Chat-4bit-mlx"
-THINK_START, THINK_END = "<think>", "</think>"
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -48,16 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
     return p.parse_args(argv)
-
-
-def sampling_defaults(folder: Path) -> dict:
-    """The model's recommended sampling (R1: temperature 0.6, top-p 0.95) from generation_config.json."""
-    config = {}
-    if (folder / "generation_config.json").is_file():
-        config = json.loads((folder / "generation_config.json").read_text())
-    if config.get("do_sample") is False:
-        return {"temp": 0.0, "top_p": 0.0}
-    return {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
 
 
 class ThinkingRenderer:
@@ -122,17 +113,11 @@ class Chat:
 
     def prompt_tokens(self) -> tuple[list[int], bool]:
         """The conversation rendered by the model's own template; and whether it opens a <think>."""
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        if getattr(self.model, "model_type", None) == "deepseek_v4":  # no Jinja template: DeepSeek's V4 encoding
-            from mlx_deepseek import encoding_v4
+        from mlx_deepseek.chat_template import render
 
-            thinking = not getattr(self.args, "no_thinking", False)
-            text = encoding_v4.encode_messages(encoding_v4.split_reasoning(messages), thinking=thinking)
-        elif getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # a base model: a plain transcript
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-        return self.tokenizer.encode(text, add_special_tokens=False), text.rstrip().endswith(THINK_START)
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        thinking = {"thinking": False} if getattr(self.args, "no_thinking", False) else {}
+        return render(self.tokenizer, messages, model_type=getattr(self.model, "model_type", None), **thinking)
 
     def turn(self, user_text: str) -> None:
         from mlx_deepseek.generate import stream_generate

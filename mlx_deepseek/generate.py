@@ -484,6 +484,16 @@ def stream_generate(
         yield Response(text, token, stats)
 
 
+def sampling_defaults(folder: Path) -> dict:
+    """The model's recommended sampling (R1: temperature 0.6, top-p 0.95) from generation_config.json."""
+    config = {}
+    if (Path(folder) / "generation_config.json").is_file():
+        config = json.loads((Path(folder) / "generation_config.json").read_text())
+    if config.get("do_sample") is False:
+        return {"temp": 0.0, "top_p": 0.0}
+    return {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
+
+
 def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:
     """The whole reply as one string (see `stream_generate` for the options)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

@@ -127,3 +127,88 @@ class QuantizedLatentCache(LatentCache):
 
 def make_latent_cache(kv_bits: Optional[int] = None, kv_group_size: int = 64) -> LatentCache:
     return LatentCache() if kv_bits is None else QuantizedLatentCache(kv_bits, kv_group_size)
+
+
+class BatchLatentCache:
+    """One layer's latent caches of B sequences of different lengths, decoded together.
+
+    Rows are right-padded in one buffer per array, (B, 1, capacity, width); row b holds
+    `lengths[b]` tokens. `offset` is the per-row position array RoPE takes, and `key_mask` tells
+    attention which keys of the padded history each row may see. Built from per-sequence caches
+    (`from_caches`), and back to one (`extract`) when a sequence leaves the batch. Only one new
+    token per row per call (decoding); prompts are prefilled on their own cache first.
+    """
+
+    step = 256
+
+    def __init__(self, buffers: list[mx.array], lengths: list[int], bits: Optional[int] = None,
+                 group_size: int = 64):
+        self.buffers, self.lengths = buffers, list(lengths)
+        self.bits, self.group_size = bits, group_size
+
+    @classmethod
+    def from_caches(cls, caches: list[LatentCache]) -> "BatchLatentCache":
+        first = caches[0]
+        bits = getattr(first, "bits", None)
+        if any(getattr(c, "bits", None) != bits for c in caches):
+            raise ValueError("a batch needs caches of one kind (all plain or all with the same kv_bits)")
+        lengths = [c.offset for c in caches]
+        capacity = (max(lengths) // cls.step + 1) * cls.step
+        parts = [c.state for c in caches]
+        buffers = []
+        for j in range(len(parts[0])):
+            rows = [mx.pad(p[j], [(0, 0), (0, 0), (0, capacity - p[j].shape[2]), (0, 0)]) for p in parts]
+            buffers.append(mx.concatenate(rows, axis=0))
+        return cls(buffers, lengths, bits, getattr(first, "group_size", 64))
+
+    def extract(self, row: int) -> LatentCache:
+        """Row `row` as a cache of its own (a copy of its tokens)."""
+        c = make_latent_cache(self.bits, self.group_size)
+        one = lambda x: mx.array(1, x.dtype)  # noqa: E731
+        # times one: a buffer of its own, so the batch's buffers are not kept alive through it
+        c.state = [b[row : row + 1, :, : self.lengths[row], :] * one(b) for b in self.buffers]
+        return c
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order."""
+        index = mx.array(rows)
+        self.buffers = [b[index] for b in self.buffers]
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def extend(self, other: "BatchLatentCache") -> None:
+        """Append another batch's rows (sequences joining between steps)."""
+        capacity = max(self.capacity, other.capacity)
+        pad = lambda b: mx.pad(b, [(0, 0), (0, 0), (0, capacity - b.shape[2]), (0, 0)])  # noqa: E731
+        self.buffers = [mx.concatenate([pad(a), pad(b)], axis=0) for a, b in zip(self.buffers, other.buffers)]
+        self.lengths += other.lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def update_and_fetch(self, latent: mx.array, rope_key: mx.array):
+        if latent.shape[2] != 1:
+            raise ValueError("a batch cache takes one new token per row; prefill each prompt on its own cache")
+        arrays = [*mx.quantize(latent, self.group_size, self.bits), rope_key] if self.bits else [latent, rope_key]
+        if max(self.lengths) + 1 > self.capacity:
+            grow = [mx.zeros((*b.shape[:2], self.step, b.shape[3]), b.dtype) for b in self.buffers]
+            self.buffers = [mx.concatenate([b, g], axis=2) for b, g in zip(self.buffers, grow)]
+        rows, at = mx.arange(len(self.lengths)), mx.array(self.lengths)
+        for b, a in zip(self.buffers, arrays):
+            b[rows, 0, at] = a[:, 0, 0]
+        self.lengths = [n + 1 for n in self.lengths]
+        held = [b[..., : max(self.lengths), :] for b in self.buffers]
+        return (tuple(held[:-1]), held[-1]) if self.bits else tuple(held)
+
+    def key_mask(self) -> mx.array:
+        """(B, T) boolean: which of the padded keys each row's new token attends to."""
+        T = max(self.lengths)
+        return mx.arange(T)[None] < mx.array(self.lengths)[:, None]

@@ -113,6 +113,8 @@ class MLA(nn.Module):
         bias = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, H, L, T)
         if L > 1:
             bias = mx.where(causal_mask(L, T), bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
+        if hasattr(cache, "key_mask"):  # a batch of sequences of different lengths, right-padded
+            bias = mx.where(cache.key_mask()[:, None, None], bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
 
         if isinstance(latent, tuple):  # a quantized cache: attend on the quantized latents as stored
             out = self.value_up(self._attend_quantized(self.key_up.t(q_nope), latent, bias, cache))

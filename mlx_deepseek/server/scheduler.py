@@ -1,0 +1,320 @@
+"""One generation thread that owns every MLX call: a queue, continuous batching, cancellation.
+
+A request is tokenized by the HTTP side and handed over as a `Request`. The thread admits up to
+`max_concurrency` of them; the rest wait in the queue. A new request first takes the longest
+cached prefix of its prompt from the `PromptStore`, then prefills the rest on its own cache, one
+chunk per loop turn so the running replies keep streaming. Its first token sampled, it joins the
+batch: every loop turn decodes all running sequences in one forward pass (`BatchLatentCache`: each
+row attends on its own latent history). A sequence leaves the batch between steps when it ends,
+is cancelled (client gone) or reaches its limit; its cache goes back to the store.
+
+Events go back through `Request.emit` (called on this thread; the HTTP side makes it thread-safe):
+`("token", Piece)` per generated token and one `("done", Finish)` at the end, or `("error", str)`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from ..generate import DraftPolicy, PromptCache, Stats, StopText, decode_mtp, prefill
+from ..models.cache import BatchLatentCache
+from .prompt_cache import PromptStore
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[tuple], None]
+    temp: float = 0.0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: Optional[int] = None  # None: none; k: the token's and the k most likely
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Piece:
+    text: str
+    token: int
+    logprob: Optional[float] = None
+    top: Optional[list[tuple[int, float]]] = None
+
+
+@dataclass
+class Finish:
+    reason: str                 # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    prompt_seconds: float       # queue wait excluded: from admission to the first token
+    decode_seconds: float
+
+
+def seeded_sampler(req: Request):
+    """mlx-lm's filters in its order, then a draw from this request's own random key: the same seed
+    gives the same reply whether the request is served alone or beside others."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    key = mx.random.key(req.seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        if 0 < req.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, req.top_p)
+        if req.min_p:
+            logprobs = apply_min_p(logprobs, req.min_p, 1)
+        if req.top_k > 0:
+            logprobs = apply_top_k(logprobs, req.top_k)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1.0 / req.temp), key=sub)
+
+    return sample
+
+
+class Sequence:
+    """A request being served: its cache while prefilling, then its row in the batch."""
+
+    def __init__(self, req: Request, caches, reused: int, tokenizer):
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        self.req = req
+        self.caches = caches                  # per-layer caches until it joins the batch
+        self.reused = reused
+        self.pending = req.prompt[reused:]    # prompt tokens still to prefill
+        self.held = list(req.prompt[:reused])  # tokens its cache holds
+        self.generated: list[int] = []
+        if req.seed is not None and req.temp > 0:
+            self.sampler = seeded_sampler(req)
+        else:
+            self.sampler = make_sampler(temp=req.temp, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k)
+        self.processors = make_logits_processors(repetition_penalty=req.repetition_penalty)
+        self.detokenizer = tokenizer.detokenizer
+        self.stop_text = StopText(req.stop)
+        self.started = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.last_logprobs: Optional[mx.array] = None
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, store: PromptStore, max_concurrency: int = 8,
+                 prefill_step_size: int = 512, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                 mtp: bool = False):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        # MTP drafts for one sequence at a time (speculative steps are not batched): requests take
+        # turns on one PromptCache, which keeps the main and the draft caches and reuses its prefix.
+        self.mtp = PromptCache(model, kv_bits, kv_group_size) if mtp else None
+        self.max_concurrency = 1 if mtp else max_concurrency
+        self.prefill_step_size = prefill_step_size
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.queue: "queue.Queue[Request]" = queue.Queue()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []     # in batch row order
+        self.batch: Optional[list[BatchLatentCache]] = None
+        self.eos = set(tokenizer.eos_token_ids)
+        self.steps = 0                        # batched decode steps taken
+        self.max_batch = 0                    # the most rows decoded in one step
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mlx-generation", daemon=True)
+
+    # -- the HTTP side ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    def submit(self, req: Request) -> None:
+        self.queue.put(req)
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self.running), "prefilling": len(self.prefilling), "queued": self.queue.qsize(),
+                "decode_steps": self.steps, "max_batch": self.max_batch}
+
+    # -- the generation thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._turn()
+            except Exception as e:  # never die: fail the requests in flight, keep serving
+                for s in self.prefilling + self.running:
+                    s.req.emit(("error", f"generation failed: {e}"))
+                self.prefilling, self.running, self.batch = [], [], None
+
+    def _turn(self) -> None:
+        if self.mtp is not None:
+            return self._turn_mtp()
+        self._admit(block=not (self.prefilling or self.running))
+        for s in [s for s in self.prefilling if s.req.cancelled.is_set()]:
+            self.prefilling.remove(s)
+            self._finish_alone(s, "cancelled")
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0])
+        if self.running:
+            self._decode_step()
+
+    def _admit(self, block: bool) -> None:
+        while len(self.prefilling) + len(self.running) < self.max_concurrency:
+            try:
+                req = self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if req.cancelled.is_set():
+                continue
+            caches, reused = self.store.take(req.prompt)
+            if caches is None:
+                caches = self.model.make_cache(self.kv_bits, self.kv_group_size)
+            self.prefilling.append(Sequence(req, caches, reused, self.tokenizer))
+
+    def _prefill_chunk(self, s: Sequence) -> None:
+        chunk, s.pending = s.pending[: self.prefill_step_size], s.pending[self.prefill_step_size:]
+        h = self.model.hidden(mx.array([chunk]), cache=s.caches)
+        s.held += chunk
+        if s.pending:
+            mx.eval([c.state for c in s.caches])
+            return
+        logits = self.model.logits(h[:, -1, :])
+        self.prefilling.remove(s)
+        token = self._sample(s, logits)
+        s.first_token_at = time.perf_counter()
+        reason = self._emit(s, token)
+        if reason:
+            self._finish_alone(s, reason)
+            return
+        rows = [BatchLatentCache.from_caches([c]) for c in s.caches]
+        s.caches = None
+        if self.batch is None:
+            self.batch = rows
+        else:
+            for b, r in zip(self.batch, rows):
+                b.extend(r)
+        self.running.append(s)
+
+    def _decode_step(self) -> None:
+        last = mx.array([[s.generated[-1]] for s in self.running])
+        logits = self.model(last, cache=self.batch)[:, -1, :]
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(self.running))
+        for s in self.running:
+            s.held.append(s.generated[-1])
+        keep, done = [], []
+        for row, s in enumerate(self.running):
+            if s.req.cancelled.is_set():
+                done.append((row, s, "cancelled"))
+                continue
+            reason = self._emit(s, self._sample(s, logits[row : row + 1]))
+            if reason:
+                done.append((row, s, reason))
+            else:
+                keep.append(row)
+        for row, s, reason in done:
+            caches = [b.extract(row) for b in self.batch]
+            self._finish(s, reason, caches)
+        if done:
+            self.running = [self.running[r] for r in keep]
+            if keep:
+                for b in self.batch:
+                    b.keep(keep)
+            else:
+                self.batch = None
+
+    def _turn_mtp(self) -> None:
+        """Serve one request to its end with speculative decoding (the next waits in the queue)."""
+        try:
+            req = self.queue.get(timeout=0.05)
+        except queue.Empty:
+            return
+        if req.cancelled.is_set():
+            return
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        pc = self.mtp
+        reused = pc.reuse(req.prompt)
+        s = Sequence(req, None, reused, self.tokenizer)
+        logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
+        stats = Stats()
+        steps = decode_mtp(pc, logits, pending, DraftPolicy(req.temp, req.top_p, req.min_p, req.top_k), stats)
+        reason = None
+        for token in steps:
+            s.generated.append(token)
+            s.first_token_at = s.first_token_at or time.perf_counter()
+            reason = "cancelled" if req.cancelled.is_set() else self._emit(s, token)
+            if reason:
+                break
+        steps.close()
+        self.steps += stats.main_steps
+        s.held = list(pc.tokens)
+        self._finish(s, reason, None)
+
+    def _sample(self, s: Sequence, logits: mx.array) -> int:
+        if s.processors:
+            history = mx.array(s.req.prompt + s.generated)
+            for process in s.processors:
+                logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = int(s.sampler(logprobs).item())
+        s.generated.append(token)
+        s.last_logprobs = logprobs if s.req.logprobs is not None else None
+        return token
+
+    def _emit(self, s: Sequence, token: int) -> Optional[str]:
+        """Send the token's text; the finish reason when the sequence ends here, else None."""
+        piece = Piece("", token)
+        if s.last_logprobs is not None:
+            lp = s.last_logprobs[0]
+            piece.logprob = float(lp[token].item())
+            if s.req.logprobs:
+                top = mx.argsort(-lp)[: s.req.logprobs].tolist()
+                piece.top = [(t, float(lp[t].item())) for t in top]
+        if token in self.eos:
+            piece.text = s.stop_text.flush()
+            s.req.emit(("token", piece))
+            return "stop"
+        s.detokenizer.add_token(token)
+        text, stopped = s.stop_text.add(s.detokenizer.last_segment)
+        if stopped:
+            piece.text = text
+            s.req.emit(("token", piece))
+            return "stop"
+        if len(s.generated) >= s.req.max_tokens:
+            s.detokenizer.finalize()
+            piece.text = text + s.stop_text.add(s.detokenizer.last_segment)[0] + s.stop_text.flush()
+            s.req.emit(("token", piece))
+            return "length"
+        piece.text = text
+        s.req.emit(("token", piece))
+        return None
+
+    def _finish_alone(self, s: Sequence, reason: str) -> None:
+        self._finish(s, reason, s.caches)
+
+    def _finish(self, s: Sequence, reason: str, caches) -> None:
+        if caches is not None and s.held:
+            held = len(s.held)
+            if all(c.offset == held for c in caches):
+                mx.eval([c.state for c in caches])
+                self.store.put(s.held, caches)
+        now = time.perf_counter()
+        first = s.first_token_at or now
+        s.req.emit(("done", Finish(reason, len(s.req.prompt), s.reused, len(s.generated), first - s.started, now - first)))
+
+
+def prompt_cache_factory(model, kv_bits=None, kv_group_size=64):
+    """PromptCache objects to read and write the store's files with."""
+    return lambda: PromptCache(model, kv_bits, kv_group_size)
