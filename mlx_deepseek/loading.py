@@ -139,11 +139,32 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
         if absent:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
         if any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
-            raise CheckpointError(
-                f"{file}: FP8 weights; convert the checkpoint first: python -m convert --hf-path {folder} ..."
-            )
+            raise CheckpointError(f"{file}: FP8 tensors, but config.json announces no FP8 quantization_config")
         weights.update(mx.load(str(file)))
     return weights
+
+
+def is_block_fp8(config: dict) -> bool:
+    q = config.get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "fp8" and "quantization" not in config
+
+
+def convert_on_load(folder: Path, config: dict, args: ModelArgs, quantize: Optional[int], group_size: int,
+                    dtype: Optional[mx.Dtype], mtp: bool) -> tuple[dict, dict]:
+    """(the config as the converter would write it, its output tensors) of a float or FP8 checkpoint,
+    converted in memory tensor by tensor (convert/memory.py: the converter's own arithmetic)."""
+    if config.get("quantization") or (config.get("quantization_config") or {}).get("bits"):
+        raise CheckpointError(f"{folder}: already quantized; load it without quantize=")
+    from convert.memory import convert_in_memory
+    from convert.recipes import Quant, RecipeError
+
+    quant = Quant(quantize, group_size) if quantize is not None else None
+    try:
+        weights, q = convert_in_memory(folder, config, args, quant, dtype, keep_mtp=mtp)
+    except RecipeError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return ({**config, "quantization": q} if q else config), weights
 
 
 def quantization_of(config: dict, args: ModelArgs):
@@ -173,13 +194,16 @@ def quantization_of(config: dict, args: ModelArgs):
     return defaults, params
 
 
-def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False) -> Model:
+def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
+               quantize: Optional[int] = None, group_size: int = 64) -> Model:
     """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
 
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
+    `quantize=BITS` quantizes a float or block-FP8 checkpoint as it loads (affine, `group_size`),
+    exactly as `python -m convert -q --q-bits BITS` would; block-FP8 loads without it too.
     """
     folder = resolve_model_path(path_or_repo)
-    args, defaults, quant_params, weights = read_model_folder(folder, mtp)
+    args, defaults, quant_params, weights = read_model_folder(folder, mtp, quantize, group_size, dtype)
     model = Model(args, mtp=mtp)
     install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
     if not lazy:
@@ -188,16 +212,22 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     return model
 
 
-def read_model_folder(folder: Path, mtp: bool = False):
+def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] = None, group_size: int = 64,
+                      dtype: Optional[mx.Dtype] = None):
     """(args, quantization defaults, per-module quantization lookup, tensors in our module layout)
-    of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked)."""
+    of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked).
+    Block-FP8 checkpoints, and any float one with `quantize`, go through the converter in memory."""
     config = read_config(folder)
     try:
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
+    if quantize is not None or is_block_fp8(config):
+        config, raw = convert_on_load(folder, config, args, quantize, group_size, dtype, mtp)
+    else:
+        raw = read_weights(folder)
     defaults, quant_params = quantization_of(config, args)
-    weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
+    weights = to_model_layout(raw, args, quant_params, keep_mtp=mtp)
     if mtp:
         share_mtp_copies(weights, folder, args)
     return args, defaults, quant_params, weights
@@ -262,10 +292,13 @@ def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.arr
     return value
 
 
-def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
-    """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer."""
+def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
+         quantize: Optional[int] = None, group_size: int = 64):
+    """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer.
+    `quantize=BITS`: quantize on load (see `load_model`)."""
     folder = resolve_model_path(path_or_repo)
-    return load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp), load_tokenizer(folder)
+    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp, quantize=quantize, group_size=group_size)
+    return model, load_tokenizer(folder)
 
 
 def load_tokenizer(folder: Path):
