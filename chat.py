@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-bits", type=int, choices=(4, 8),
                    help="store the latent cache in 8 or 4 bits (1.7x / 2.8x smaller in bf16)")
     p.add_argument("--kv-group-size", type=int, default=64, help="quantization group of the latent cache")
+    p.add_argument("--quantize", type=int, metavar="BITS",
+                   help="quantize a float or block-FP8 checkpoint as it loads (e.g. 4), as the converter would")
     p.add_argument("--layers-split", help="under mlx.launch: layers per rank, e.g. 30,31 (default: by bytes)")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
                 model.serve()
                 return 0
         else:
-            model, tokenizer = load(folder, mtp=args.mtp)
+            model, tokenizer = load(folder, mtp=args.mtp, quantize=args.quantize)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
