@@ -237,6 +237,8 @@ def install_weights(module: nn.Module, weights: dict, defaults, quant_params, wh
                     checkpoint_path=lambda p: p) -> None:
     """Quantize the modules whose weights come quantized, check every shape, load.
     `checkpoint_path` maps a module path of `module` to the model's (for per-module settings)."""
+    if "mtp" in module:  # the MTP layer's stored embedding / head, where they differ from the main ones
+        module.mtp.own_copies("mtp.embed_tokens.weight" in weights, "mtp.lm_head.weight" in weights)
     if defaults is not None:
         _mix_expert_precision(module, quant_params, checkpoint_path)
         nn.quantize(
@@ -266,18 +268,25 @@ def _mix_expert_precision(module: nn.Module, quant_params, checkpoint_path) -> N
 
 
 def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
-    """The MTP layer's embedding and head must equal the main ones: check, then drop the copies."""
+    """The MTP layer's stored embedding and head: dropped where they equal the main ones (which it
+    then shares: ~1 GB less on R1), kept as its own where a fine-tune trained them apart."""
     layer = f"model.layers.{args.num_hidden_layers}"
     if not any(k.startswith("mtp.") for k in weights):
         raise CheckpointError(
             f"{folder}: no multi-token-prediction layer ({layer}.*) in this checkpoint "
             f"(num_nextn_predict_layers={args.num_nextn_predict_layers}); run without MTP"
         )
-    for name in [k for k in weights if k.startswith("mtp.copy.")]:
-        main = name.replace("mtp.copy.", "model.", 1) if ".embed_tokens." in name else name[len("mtp.copy."):]
-        if main in weights and not mx.array_equal(weights[name], weights[main]).item():
-            raise CheckpointError(f"{folder}: {name} differs from {main}; the MTP layer must share them")
-        del weights[name]
+    head = "model.embed_tokens" if args.tie_word_embeddings else "lm_head"
+    for copy, main in (("mtp.embed_tokens", "model.embed_tokens"), ("mtp.lm_head", head)):
+        parts = [k for k in weights if k.startswith(copy + ".")]
+        same_parts = {k[len(copy):] for k in parts} == {k[len(main):] for k in weights if k.startswith(main + ".")}
+        if parts and same_parts and all(_equal(weights[k], weights.get(main + k[len(copy):])) for k in parts):
+            for k in parts:
+                del weights[k]
+
+
+def _equal(a: mx.array, b: Optional[mx.array]) -> bool:
+    return b is not None and a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
 
 
 # Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.

@@ -228,7 +228,8 @@ class PipelineModel:
         return self.logits(self.hidden(tokens, cache))
 
     def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> mx.array:
-        return self.logits(self.stage.mtp(hidden, self.stage.embed_tokens(next_tokens), cache))
+        mtp = self.stage.mtp
+        return mtp.head(mtp(hidden, mtp.embed(next_tokens, self.stage.embed_tokens), cache), self.logits)
 
     def stop(self) -> None:
         self.send_ring(_header(STOP))
