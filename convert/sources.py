@@ -93,6 +93,31 @@ def _safetensors(folder: Path, config: dict) -> Source:
     return Source(folder, config, tensors, read)
 
 
+def torch_state(torch, file: Path) -> dict:
+    """A .bin's tensors, read with `weights_only` (no pickled code ever runs): memory-mapped when the
+    file is in torch's zip format, read whole when it is the legacy (pre-1.6) pickle format."""
+    import pickle
+    import re
+    import zipfile
+
+    try:
+        state = torch.load(file, map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if wanted or "Weights only load failed" in str(e):
+            what = f" ({wanted.group(1)})" if wanted else ""
+            raise CheckpointError(
+                f"{file}: this file wants to execute code when it is unpickled{what}; it was not loaded. "
+                "Only plain tensors are read from .bin files (torch.load weights_only)"
+            ) from None
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file}: holds {type(state).__name__}, not a dict of named tensors (a state dict)")
+    return state
+
+
 def _torch_bin(folder: Path, config: dict) -> Source:
     try:
         import torch
@@ -113,10 +138,7 @@ def _torch_bin(folder: Path, config: dict) -> Source:
         files = sorted(folder.glob("*.bin"))
     tensors, loaded = {}, {}
     for file in files:
-        try:
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+        state = torch_state(torch, file)
         for name, t in state.items():
             dtype = TORCH_DTYPES.get(str(t.dtype), str(t.dtype))
             tensors[name] = TensorInfo(tuple(t.shape), dtype, file, t.numel() * t.element_size())

@@ -149,6 +149,12 @@ def is_block_fp8(config: dict) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == "fp8" and "quantization" not in config
 
 
+def only_torch_bin(folder: Path) -> bool:
+    """PyTorch .bin weights and no safetensors: read through the converter's .bin reader."""
+    return not (folder / "model.safetensors.index.json").is_file() and not list(folder.glob("*.safetensors")) \
+        and bool(list(folder.glob("*.bin")))
+
+
 def convert_on_load(folder: Path, config: dict, args: ModelArgs, quantize: Optional[int], group_size: int,
                     dtype: Optional[mx.Dtype], mtp: bool) -> tuple[dict, dict]:
     """(the config as the converter would write it, its output tensors) of a float or FP8 checkpoint,
@@ -222,7 +228,7 @@ def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] =
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
-    if quantize is not None or is_block_fp8(config):
+    if quantize is not None or is_block_fp8(config) or only_torch_bin(folder):
         config, raw = convert_on_load(folder, config, args, quantize, group_size, dtype, mtp)
     else:
         raw = read_weights(folder)

@@ -1,11 +1,15 @@
-"""load() on checkpoints as published: block-FP8 read directly and quantize-on-load, each equal to
-the converter's output loaded (same logits, bit for bit) and to transformers on the same weights."""
+"""Checkpoints as published: block-FP8 read directly and quantize-on-load, each equal to the
+converter's output loaded (same logits, bit for bit) and to transformers on the same weights;
+PyTorch .bin in both pickle formats, and pickles that want to run code refused without running it."""
+
+import pickle
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import rel_err, tokens
-from test_convert import convert, hf_logits, make_fp8, ours
+from test_convert import convert, hf_logits, make_fp8, ours, read_state
 
 from mlx_deepseek import CheckpointError, load, load_model
 
@@ -62,3 +66,57 @@ def test_quantize_on_load_refuses_bad_settings_and_quantized_folders(checkpoint,
     assert convert(src, tmp_path / "q4", "-q", "--q-group-size", "32") == 0
     with pytest.raises(CheckpointError, match="already quantized"):
         load_model(tmp_path / "q4", quantize=4)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pytorch_bin_in_either_pickle_format_loads_and_converts(zip_format, checkpoint, tmp_path):
+    import torch
+
+    src = checkpoint("v2_lite")
+    folder = tmp_path / "bin"
+    shutil.copytree(src, folder)
+    torch.save(read_state(src), folder / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
+    (folder / "model.safetensors").unlink()
+    toks = tokens(16)
+    expected = logits(load_model(src), toks)
+    assert np.array_equal(logits(load_model(folder), toks), expected)
+    assert convert(folder, tmp_path / "out") == 0
+    assert np.array_equal(ours(tmp_path / "out", toks), expected)
+
+
+class RunsCode:
+    """A pickle that asks to call a function while it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (shutil.copy, (__file__, str(self.marker)))
+
+
+def unsafe_files(marker):
+    import torch
+
+    state = {"model.norm.weight": torch.ones(64), "evil": RunsCode(marker)}
+    yield "zip", lambda f: torch.save(state, f)
+    yield "legacy", lambda f: torch.save(state, f, _use_new_zipfile_serialization=False)
+    yield "plain pickle", lambda f: f.write_bytes(pickle.dumps(state, protocol=2))
+    yield "a custom class", lambda f: torch.save({"x": Custom()}, f)
+
+
+class Custom:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain pickle", "a custom class"])
+def test_a_pickle_that_wants_to_run_code_is_refused_and_nothing_runs(kind, checkpoint, tmp_path, capsys):
+    folder, marker = tmp_path / "bin", tmp_path / "ran"
+    shutil.copytree(checkpoint("v2_lite"), folder)
+    (folder / "model.safetensors").unlink()
+    dict(unsafe_files(marker))[kind](folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="wants to execute code .*it was not loaded") as e:
+        load_model(folder)
+    assert "pytorch_model.bin" in str(e.value)
+    assert convert(folder, tmp_path / "out") == 1
+    assert "wants to execute code" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
