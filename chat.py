@@ -53,12 +53,27 @@ def parse_args(argv=None):
 
 def sampling_defaults(folder: Path) -> dict:
     """The model's recommended sampling (R1: temperature 0.6, top-p 0.95) from generation_config.json."""
-    config = {}
-    if (folder / "generation_config.json").is_file():
-        config = json.loads((folder / "generation_config.json").read_text())
+    from mlx_deepseek import CheckpointError
+
+    file, config = folder / "generation_config.json", {}
+    if file.is_file():
+        try:
+            config = json.loads(file.read_bytes())
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file}: a JSON {type(config).__name__}, expected an object")
     if config.get("do_sample") is False:
         return {"temp": 0.0, "top_p": 0.0}
-    return {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
+    out = {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
+    for key, value in out.items():
+        if value is None:
+            out[key] = {"temp": 0.6, "top_p": 0.95}[key]
+        elif type(value) not in (int, float) or not 0 <= value < float("inf") or (key == "top_p" and value > 1):
+            raise CheckpointError(f"{file}: {'temperature' if key == 'temp' else key}={value!r} is not valid: "
+                                  f"expected a number{' between 0 and 1' if key == 'top_p' else ' >= 0'}")
+        out[key] = float(out[key])
+    return out
 
 
 class ThinkingRenderer:
@@ -234,7 +249,13 @@ def main(argv=None) -> int:
 
 
 def run(args, folder: Path, model, tokenizer) -> int:
-    defaults = sampling_defaults(folder)
+    from mlx_deepseek import CheckpointError
+
+    try:
+        defaults = sampling_defaults(folder)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],
                 "top_p": args.top_p if args.top_p is not None else defaults["top_p"]}
     chat = Chat(model, tokenizer, args, sampling)

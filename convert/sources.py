@@ -4,7 +4,6 @@ dequantized as they are read (see fp8.py)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_deepseek.layout import CheckpointError
-from mlx_deepseek.loading import safetensors_header, weight_files
+from mlx_deepseek.loading import read_weight_map, safetensors_header, weight_files
 
 from . import fp8
 
@@ -127,13 +126,7 @@ def _torch_bin(folder: Path, config: dict) -> Source:
         ) from None
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({(folder / f).resolve() for f in weight_map.values()})
-        for f in files:
-            if folder.resolve() not in f.parents:
-                raise CheckpointError(f"{index}: points to {f.name}, outside the model folder")
-            if not f.is_file():
-                raise CheckpointError(f"{index}: shard {f.name} is missing from {folder}")
+        files = sorted(set(read_weight_map(index).values()))
     else:
         files = sorted(folder.glob("*.bin"))
     tensors, loaded = {}, {}

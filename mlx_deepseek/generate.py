@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from .models.cache import LatentCache, make_latent_cache
 
-CACHE_FORMAT = "mlx-deepseek-latent-cache/1"
+CACHE_FORMAT = "mlx-deepseek-latent-cache/2"  # /2: with a checksum
 
 
 class CacheFileError(ValueError):
@@ -89,7 +90,8 @@ class PromptCache:
         return sum(c.nbytes for c in self.cache)
 
     def save(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
-        """Write the held tokens and latents with the model's fingerprint (atomically).
+        """Write the held tokens and latents with the model's fingerprint and a checksum (atomically:
+        an existing file is replaced only once the new one is complete on disk).
 
         `extra` (JSON-serializable, e.g. the conversation) travels in the same file.
         """
@@ -97,37 +99,42 @@ class PromptCache:
         for name, c in self._named_caches():
             for j, a in enumerate(c.state):
                 arrays[f"{name}.{j}"] = a
-        meta = {name: c.meta_state for name, c in self._named_caches()}
+        meta = {"format": CACHE_FORMAT, "model": model_fingerprint(self.model),
+                "caches": json.dumps({name: c.meta_state for name, c in self._named_caches()}),
+                "extra": json.dumps(extra or {})}
+        meta["checksum"] = cache_checksum(arrays, meta)
         path = Path(path)
         tmp = path.with_name(path.name + ".partial.safetensors")
-        mx.save_safetensors(str(tmp), arrays, metadata={
-            "format": CACHE_FORMAT, "model": model_fingerprint(self.model), "caches": json.dumps(meta),
-            "extra": json.dumps(extra or {})})
-        os.replace(tmp, path)
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=meta)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _named_caches(self):
         named = [(f"layer.{i}", c) for i, c in enumerate(self.cache)]
         return named + ([("draft", self.draft_cache)] if self.draft_cache is not None else [])
 
     def load(self, path: str | os.PathLike) -> dict:
-        """Replace this cache by a saved one (plain or quantized, as saved); returns its `extra`."""
+        """Replace this cache by a saved one (plain or quantized, as saved); returns its `extra`.
+        A file that is not exactly what was saved for this model raises CacheFileError and leaves
+        this cache as it was."""
         path = Path(path)
-        try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-        except Exception as e:
-            raise CacheFileError(f"{path}: not a readable cache file ({e})") from e
-        if meta.get("format") != CACHE_FORMAT:
-            raise CacheFileError(f"{path}: not an mlx-deepseek cache file (format {meta.get('format')!r})")
+        arrays, meta = read_cache_file(path)
         if meta.get("model") != model_fingerprint(self.model):
             raise CacheFileError(f"{path}: saved with a different model; it cannot continue this one")
-        tokens = np.array(arrays["tokens"]).tolist()
-        kinds = json.loads(meta.get("caches", "{}"))
-        restored = {}
-        for name, kind in kinds.items():
-            c = make_latent_cache(*map(int, kind.split(","))) if kind else LatentCache()
-            parts = sorted((k for k in arrays if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            c.state = [arrays[k] for k in parts]
-            restored[name] = c
+        try:
+            kinds, extra = json.loads(meta["caches"]), json.loads(meta["extra"])
+        except (KeyError, ValueError, RecursionError) as e:
+            raise CacheFileError(f"{path}: corrupt metadata ({e})") from None
+        tokens = arrays.get("tokens")
+        if tokens is None or tokens.ndim != 1 or tokens.dtype != mx.int32 or not isinstance(kinds, dict) \
+                or not isinstance(extra, dict):
+            raise CacheFileError(f"{path}: corrupt contents (tokens, caches or extra)")
+        tokens = np.array(tokens).tolist()
+        restored = {name: self._restored(path, name, kind, arrays, len(tokens)) for name, kind in kinds.items()}
         cache = [restored.get(f"layer.{i}") for i in range(len(self.cache))]
         for i, c in enumerate(cache):
             if c is None or c.offset != len(tokens):
@@ -135,7 +142,64 @@ class PromptCache:
         self.cache, self.tokens = cache, tokens
         if self.draft_cache is not None:
             self.draft_cache = restored.get("draft", LatentCache())
-        return json.loads(meta.get("extra") or "{}")
+        return extra
+
+    def _restored(self, path: Path, name: str, kind, arrays: dict, n: int) -> LatentCache:
+        """One saved cache, its arrays checked against the model's latent widths."""
+        args = self.model.args
+        try:
+            bits, group = map(int, kind.split(",")) if kind else (None, 64)
+            c = make_latent_cache(bits, group)
+        except (AttributeError, ValueError, TypeError):
+            raise CacheFileError(f"{path}: {name} has an unknown cache kind {kind!r}") from None
+        parts = [arrays[f"{name}.{j}"] for j in range(len(arrays)) if f"{name}.{j}" in arrays]
+        R, rope = args.kv_lora_rank, args.qk_rope_head_dim
+        widths = [R, rope] if bits is None else [R * bits // 32, R // group, R // group, rope]
+        length = parts[0].shape[2] if parts and parts[0].ndim == 4 else -1
+        if parts and not (len(parts) == len(widths) and 0 < length <= n and all(
+                p.ndim == 4 and tuple(p.shape[:3]) == (1, 1, length) and p.shape[3] == w for p, w in zip(parts, widths))):
+            raise CacheFileError(f"{path}: {name} holds arrays of shapes {[p.shape for p in parts]}, "
+                                 f"not this model's latent cache")
+        c.state = parts
+        return c
+
+
+CACHE_ARRAY = re.compile(r"^(tokens|layer\.\d+\.\d+|draft\.\d+)$")
+
+
+def cache_checksum(arrays: dict[str, mx.array], meta: dict[str, str]) -> str:
+    """sha256 of every array (name, dtype, shape, bytes) and the metadata that describes them."""
+    h = hashlib.sha256()
+    for key in ("format", "model", "caches", "extra"):
+        h.update(f"{key}={meta.get(key)}\n".encode())
+    for name in sorted(arrays):
+        a = mx.contiguous(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}\n".encode())
+        h.update(memoryview(np.array(a.view(mx.uint8) if a.size else mx.zeros((0,), mx.uint8))))
+    return h.hexdigest()
+
+
+def read_cache_file(path: Path) -> tuple[dict, dict]:
+    """A cache file's arrays and metadata, refused (CacheFileError) unless exactly as saved."""
+    from .loading import safetensors_header
+    from .layout import CheckpointError
+
+    if not path.is_file():
+        raise CacheFileError(f"{path}: no such file")
+    try:
+        safetensors_header(path)  # offsets and sizes checked before MLX reads anything
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        raise CacheFileError(f"{path}: not a readable cache file ({e})") from None
+    if meta.get("format") != CACHE_FORMAT:
+        old = meta.get("format") == "mlx-deepseek-latent-cache/1"
+        raise CacheFileError(f"{path}: " + ("saved by an earlier version without a checksum; it cannot be verified"
+                                            if old else f"not an mlx-deepseek cache file (format {meta.get('format')!r})"))
+    if not all(CACHE_ARRAY.match(name) for name in arrays):
+        raise CacheFileError(f"{path}: corrupt (unexpected arrays {sorted(arrays)[:3]})")
+    if meta.get("checksum") != cache_checksum(arrays, meta):
+        raise CacheFileError(f"{path}: corrupt (its checksum does not match its contents); nothing was loaded")
+    return arrays, meta
 
 
 def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512):

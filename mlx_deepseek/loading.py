@@ -23,8 +23,6 @@ from .layout import CheckpointError, check_shapes, checkpoint_module_name, to_mo
 from .models.deepseek import Model
 from .models.moe import MixedPrecisionExperts, RoutedExperts
 
-SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-                      "F8_E4M3", "F8_E5M2"}
 # The aliases under which mlx-lm's config.json may give a per-module quantization.
 QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
 
@@ -59,9 +57,12 @@ def read_config(folder: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{folder}: no config.json")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+        config = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: a JSON {type(config).__name__}, expected an object")
+    return config
 
 
 def safetensors_header(file: Path) -> tuple[dict, int]:
@@ -75,41 +76,86 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
     data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
+            if not (info is None or isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{file}: __metadata__ must map names to strings")
             continue
-        start, end = info.get("data_offsets", (0, -1))
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        if not 0 <= start <= end <= data_size:
-            raise CheckpointError(
-                f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
-                "(truncated or corrupt download?)"
-            )
+        _check_entry(file, name, info, data_size)
     return header, 8 + n
+
+
+# Bytes per element of each safetensors dtype.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+               "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_entry(file: Path, name: str, info, data_size: int) -> None:
+    """A header entry: a known dtype, a shape of non-negative integers, and offsets inside the data
+    that hold exactly shape x itemsize bytes (so nothing reads past the file or allocates more)."""
+    def integers(v, length=None):
+        return isinstance(v, list) and (length is None or len(v) == length) and \
+            all(type(x) is int and x >= 0 for x in v)
+
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: tensor {name}: header entry is not an object")
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPE_SIZES:
+        raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not integers(shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {shape!r}; expected a list of non-negative integers")
+    if not integers(offsets, 2):
+        raise CheckpointError(f"{file}: tensor {name} has data_offsets {offsets!r}; expected [start, end]")
+    start, end = offsets
+    if not start <= end <= data_size:
+        raise CheckpointError(
+            f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
+            "(truncated or corrupt download?)"
+        )
+    expected = DTYPE_SIZES[info["dtype"]]
+    for d in shape:
+        expected *= d
+    if expected != end - start:
+        raise CheckpointError(f"{file}: tensor {name} of shape {tuple(shape)} ({info['dtype']}) needs {expected} "
+                              f"bytes, its data_offsets give {end - start} (corrupt header)")
+
+
+def read_weight_map(index_file: Path) -> dict[str, Path]:
+    """An index's `weight_map` (safetensors or .bin): tensor name -> its shard, each shard checked to
+    be a file inside the index's folder."""
+    try:
+        index = json.loads(index_file.read_bytes())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_file}: not a valid index ({type(e).__name__}: {e})") from None
+    folder, files = index_file.parent, {}
+    root = folder.resolve()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, not a file name")
+        file = (folder / name).resolve()
+        if root not in file.parents:
+            raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, outside the model folder")
+        if not file.is_file():
+            raise CheckpointError(f"{index_file}: shard {file.name} is missing from {folder}")
+        files[tensor] = file
+    return files
 
 
 def weight_files(folder: Path) -> dict[Path, set[str]]:
     """The shards to read, each with the tensor names the index promises it holds."""
     index_file = folder / "model.safetensors.index.json"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_file}: not a valid index ({e})") from e
         files: dict[Path, set[str]] = {}
-        root = folder.resolve()
-        for tensor, name in weight_map.items():
-            file = (folder / name).resolve()
-            if root not in file.parents:
-                raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, outside the model folder")
+        for tensor, file in read_weight_map(index_file).items():
             files.setdefault(file, set()).add(tensor)
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{index_file}: shard {file.name} is missing from {folder}")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -159,7 +205,8 @@ def convert_on_load(folder: Path, config: dict, args: ModelArgs, quantize: Optio
                     dtype: Optional[mx.Dtype], mtp: bool) -> tuple[dict, dict]:
     """(the config as the converter would write it, its output tensors) of a float or FP8 checkpoint,
     converted in memory tensor by tensor (convert/memory.py: the converter's own arithmetic)."""
-    if config.get("quantization") or (config.get("quantization_config") or {}).get("bits"):
+    qc = config.get("quantization_config")
+    if config.get("quantization") or (isinstance(qc, dict) and qc.get("bits")):
         raise CheckpointError(f"{folder}: already quantized; load it without quantize=")
     from convert.memory import convert_in_memory
     from convert.recipes import Quant, RecipeError
@@ -173,12 +220,41 @@ def convert_on_load(folder: Path, config: dict, args: ModelArgs, quantize: Optio
     return ({**config, "quantization": q} if q else config), weights
 
 
+QUANT_KEYS = {"group_size": (16, 32, 64, 128), "bits": (2, 3, 4, 5, 6, 8),
+              "mode": ("affine", "mxfp4", "nvfp4", "mxfp8")}
+
+
+def check_quantization(q) -> None:
+    """mlx-lm's `quantization` block: defaults of known values, per-module entries false or objects."""
+    def check(settings: dict, where: str, required: bool) -> None:
+        for key, allowed in QUANT_KEYS.items():
+            if (required and key != "mode") or key in settings:
+                if settings.get(key) not in allowed or type(settings.get(key)) is bool:
+                    raise CheckpointError(f"config.json: quantization {where}{key}={settings.get(key)!r} "
+                                          f"is not valid: expected one of {list(allowed)}")
+        bits = settings.get("expert_bits")
+        if bits is not None and not (isinstance(bits, list) and all(b in QUANT_KEYS["bits"] for b in bits)):
+            raise CheckpointError(f"config.json: quantization {where}expert_bits={bits!r} is not valid")
+
+    if not isinstance(q, dict):
+        raise CheckpointError(f"config.json: quantization={q!r} is not valid: expected an object")
+    check(q, "", required=True)
+    for module, settings in q.items():
+        if module not in QUANT_KEYS and module != "quant_method":
+            if settings is False or settings is None:
+                continue
+            if not isinstance(settings, dict):
+                raise CheckpointError(f"config.json: quantization of {module}={settings!r} is not valid: "
+                                      "expected an object or false")
+            check(settings, f"of {module}: ", required=False)
+
+
 def quantization_of(config: dict, args: ModelArgs):
     """mlx-lm's `quantization` block -> (defaults or None, per-module params lookup)."""
     q = config.get("quantization")
     if q is None:
         qc = config.get("quantization_config")
-        if qc and "bits" not in qc:
+        if qc and isinstance(qc, dict) and "bits" not in qc:
             method = qc.get("quant_method", "unknown")
             raise CheckpointError(
                 f"config.json: quantization_config ({method}) is a Hugging Face format; "
@@ -187,6 +263,7 @@ def quantization_of(config: dict, args: ModelArgs):
         q = qc
     if not q:
         return None, lambda path: None
+    check_quantization(q)
     defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
 
     def params(path: str):
@@ -233,7 +310,10 @@ def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] =
     else:
         raw = read_weights(folder)
     defaults, quant_params = quantization_of(config, args)
-    weights = to_model_layout(raw, args, quant_params, keep_mtp=mtp)
+    try:
+        weights = to_model_layout(raw, args, quant_params, keep_mtp=mtp)
+    except CheckpointError as e:  # layout errors name the tensor; say which folder too
+        raise CheckpointError(f"{folder}: {e}") from None
     if mtp:
         share_mtp_copies(weights, folder, args)
     return args, defaults, quant_params, weights
@@ -321,4 +401,11 @@ def load_tokenizer(folder: Path):
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
     eos = read_config(folder).get("eos_token_id")
-    return mlx_lm_load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    eos = [eos] if type(eos) is int else eos
+    if eos is not None and not (isinstance(eos, list) and all(type(e) is int and e >= 0 for e in eos)):
+        raise CheckpointError(f"{folder / 'config.json'}: eos_token_id={eos!r} is not valid: "
+                              "expected a token id or a list of them")
+    try:
+        return mlx_lm_load_tokenizer(folder, eos_token_ids=eos)
+    except Exception as e:  # transformers / tokenizers parse these files; any failure is a bad file
+        raise CheckpointError(f"{folder}: the tokenizer files could not be read ({type(e).__name__}: {e})") from None
