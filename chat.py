@@ -187,15 +187,19 @@ class Chat:
             self.system, self.messages = rest or None, []
             self.out.write("System prompt set; new conversation.\n")
         elif name == "/save" and rest:
-            self.cache.save(rest, extra={"messages": self.messages, "system": self.system})
+            try:
+                self.cache.save(rest, extra={"messages": self.messages, "system": self.system})
+            except (OSError, TypeError, ValueError) as e:
+                self.out.write(f"Could not save (any earlier {rest} is unchanged): {e}\n")
+                return True
             self.out.write(f"Saved {len(self.messages)} messages and {len(self.cache.tokens)} cached tokens to {rest}.\n")
         elif name == "/load" and rest:
             from mlx_deepseek.generate import CacheFileError
 
             try:
                 extra = self.cache.load(rest)
-            except (CacheFileError, FileNotFoundError) as e:
-                self.out.write(f"Could not load: {e}\n")
+            except (CacheFileError, OSError) as e:
+                self.out.write(f"Could not load (the conversation is unchanged): {e}\n")
                 return True
             self.messages, self.system = extra.get("messages", []), extra.get("system")
             self.out.write(f"Loaded {len(self.messages)} messages and {len(self.cache.tokens)} cached tokens.\n")
@@ -216,6 +220,8 @@ def summary(s) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of a crash
+        sys.stdin.reconfigure(errors="replace")
     if args.mtp and args.repetition_penalty:
         print("error: --mtp samples exactly from the model's distribution; it cannot apply "
               "--repetition-penalty", file=sys.stderr)

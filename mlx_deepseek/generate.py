@@ -64,6 +64,9 @@ class PromptCache:
                 break
             common += 1
         common = min(common, len(prompt) - 1)
+        # A step interrupted (Ctrl-C) part-way leaves some layers one step ahead of `tokens`, or
+        # behind it: only what every layer holds is reused.
+        common = min([common] + [c.offset for c in self.cache])
         if self.draft_cache is not None:  # the draft needs the pair of the last reused token
             common = min(common, self.draft_cache.offset)
             self.draft_cache.trim(self.draft_cache.offset - common)
