@@ -34,8 +34,8 @@ import mlx.nn as nn
 from .models.config import ModelArgs
 from .models.cache import make_latent_cache
 from .layout import LAYER, CheckpointError
-from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, read_config, read_model_folder,
-                      resolve_model_path, tensor_headers)
+from .loading import (cast_weight, entry_nbytes, install_weights, is_block_fp8, load_tokenizer, only_torch_bin,
+                      read_config, read_model_folder, resolve_model_path, tensor_headers)
 from .models.block import DecoderLayer
 
 FORWARD, FORWARD_UNCACHED, TRIM, RESET, STOP = 1, 2, 3, 4, 5
@@ -120,6 +120,9 @@ def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stag
     """Build a stage and read only its own tensors (the others are never loaded). With `mtp`,
     rank 0's stage also holds the MTP layer."""
     mtp = mtp and span.start == 0
+    if is_block_fp8(read_config(folder)) or only_torch_bin(folder):  # they would be read whole on every rank
+        raise CheckpointError(f"{folder}: block-FP8 and .bin checkpoints load directly in one process only; "
+                              "for a pipeline, convert it first: python -m convert --hf-path ... --mlx-path ...")
     args, defaults, quant_params, mapped = read_model_folder(folder, mtp)
     weights = {}
     for name, value in mapped.items():

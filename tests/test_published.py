@@ -52,6 +52,13 @@ def test_quantize_on_load_equals_the_converted_folder(fp8, tmp_path):
     assert np.array_equal(logits(model, toks), ours(tmp_path / "q4", toks))
 
 
+def test_a_pipeline_stage_asks_for_a_conversion_instead_of_reading_fp8_whole(fp8):
+    from mlx_deepseek.pipeline import load_stage
+
+    with pytest.raises(CheckpointError, match="for a pipeline, convert it first"):
+        load_stage(fp8[1], range(0, 2))
+
+
 def test_quantize_on_load_of_a_float_checkpoint(checkpoint, tmp_path):
     src = checkpoint("v2_lite", q_lora_rank=64, qk_nope_head_dim=32, v_head_dim=32)
     toks = tokens(16)
