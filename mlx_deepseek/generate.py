@@ -56,17 +56,26 @@ class PromptCache:
         self.draft_cache = LatentCache() if "mtp" in model else None
         self.tokens: list[int] = []
 
+    def settle(self) -> None:
+        """Make `tokens` and every layer's cache agree. A step interrupted part-way (Ctrl-C in the
+        middle of a forward pass) leaves some layers ahead of `tokens` and others behind it: keep
+        what all of them hold."""
+        n = min([len(self.tokens)] + [c.offset for c in self.cache])
+        for c in self.cache:
+            c.trim(c.offset - n)
+        del self.tokens[n:]
+        if self.draft_cache is not None:
+            self.draft_cache.trim(max(0, self.draft_cache.offset - n))
+
     def reuse(self, prompt: Sequence[int]) -> int:
         """Rewind to the longest common prefix with `prompt` (leaving >= 1 token to run); returns its length."""
+        self.settle()
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
                 break
             common += 1
         common = min(common, len(prompt) - 1)
-        # A step interrupted (Ctrl-C) part-way leaves some layers one step ahead of `tokens`, or
-        # behind it: only what every layer holds is reused.
-        common = min([common] + [c.offset for c in self.cache])
         if self.draft_cache is not None:  # the draft needs the pair of the last reused token
             common = min(common, self.draft_cache.offset)
             self.draft_cache.trim(self.draft_cache.offset - common)
@@ -98,6 +107,7 @@ class PromptCache:
 
         `extra` (JSON-serializable, e.g. the conversation) travels in the same file.
         """
+        self.settle()
         arrays = {"tokens": mx.array(np.array(self.tokens, dtype=np.int32))}
         for name, c in self._named_caches():
             for j, a in enumerate(c.state):

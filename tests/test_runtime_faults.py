@@ -5,6 +5,7 @@ must equal a fresh run of the same history)."""
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -120,7 +121,7 @@ class Interrupt:
 
 
 @pytest.mark.parametrize("where,after", [("prefill", 2), ("prefill", 0.6), ("decode", 2), ("decode", 3 * 5 + 1)])
-def test_ctrl_c_leaves_conversation_and_cache_consistent(where, after, tiny, monkeypatch):
+def test_ctrl_c_leaves_conversation_and_cache_consistent(where, after, tiny, monkeypatch, tmp_path):
     """3 layers, each cache update counted: Ctrl-C part-way through a forward pass of the prefill
     (chunks of 4 tokens) or of a decode step. Then the next turn equals a fresh run of the history."""
     s, out = session(tiny)
@@ -142,9 +143,41 @@ def test_ctrl_c_leaves_conversation_and_cache_consistent(where, after, tiny, mon
     assert (held < len(prompt)) == (where == "prefill"), (held, len(prompt))
     monkeypatch.undo()
     history = [dict(m) for m in s.messages]
-    s.turn("go on")
+    s.command(f"/save {tmp_path / 'interrupted.safetensors'}")  # what was interrupted saves and loads
+    restored, _ = session(tiny)
+    restored.command(f"/load {tmp_path / 'interrupted.safetensors'}")
     fresh, _ = session(tiny)
     fresh.messages = history
-    fresh.turn("go on")
-    assert s.messages == fresh.messages and s.cache.tokens == fresh.cache.tokens
+    for chat_ in (s, restored, fresh):
+        chat_.turn("go on")
+    assert s.messages == fresh.messages == restored.messages
+    assert s.cache.tokens == fresh.cache.tokens == restored.cache.tokens
     assert all(c.offset == len(s.cache.tokens) for c in s.cache.cache)
+
+
+def test_ctrl_c_in_a_terminal_during_prefill_then_the_conversation_goes_on(tiny, checkpoint, tmp_path):
+    """A real SIGINT (pexpect) while a long prompt is prefilled one token at a time."""
+    pexpect = pytest.importorskip("pexpect")
+    saved = tmp_path / "after-ctrl-c.safetensors"
+    child = pexpect.spawn(sys.executable, [str(Path(chat.__file__)), "--model", str(checkpoint("v3")), "--temp", "0",
+                                           "--max-tokens", "12", "--prefill-step-size", "1"], encoding="utf-8",
+                          timeout=120)
+    child.expect(">>> ")
+    child.sendline("tell me " * 300)
+    time.sleep(1.5)  # well inside the ~2,400-token prefill
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(">>> ")
+    child.sendline(f"/save {saved}")
+    child.expect("Saved 2 messages")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    restored, _ = session(tiny)
+    restored.command(f"/load {saved}")
+    assert restored.messages[1] == {"role": "assistant", "content": ""}  # stopped before any reply
+    assert len(restored.cache.tokens) < len(restored.prompt_tokens()[0])
+    fresh, _ = session(tiny)
+    fresh.messages = [dict(m) for m in restored.messages]
+    restored.turn("go on")
+    fresh.turn("go on")
+    assert restored.messages == fresh.messages and restored.cache.tokens == fresh.cache.tokens
