@@ -160,6 +160,43 @@ def test_crafted_safetensors_headers(header, data, length):
     read_back(folder, folder / "model.safetensors")
 
 
+# ---------------------------------------------------------------------------------------- PyTorch .bin
+def valid_bins() -> dict[bool, bytes]:
+    import io
+
+    import torch
+
+    out = {}
+    for zip_format in (True, False):
+        buffer = io.BytesIO()
+        torch.save({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, buffer,
+                   _use_new_zipfile_serialization=zip_format)
+        out[zip_format] = buffer.getvalue()
+    return out
+
+
+VALID_BINS = valid_bins()
+
+
+@fuzz(200)
+@given(st.booleans(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+       st.none() | st.integers(0, 10**6))
+def test_mutated_pytorch_bin(zip_format, edits, cut):
+    COUNTS["PyTorch .bin, mutated bytes (zip and legacy)"] = COUNTS.get(
+        "PyTorch .bin, mutated bytes (zip and legacy)", 0) + 1
+    data = bytearray(VALID_BINS[zip_format])
+    for pos, byte in edits:
+        data[pos % len(data)] = byte
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    folder = scratch()
+    (folder / "pytorch_model.bin").write_bytes(bytes(data))
+    source = outcome(lambda: open_source(folder, {}), "pytorch_model.bin")
+    if source is not None:
+        for name in source.names():
+            assert tuple(source.read(name).shape) == source.tensors[name].shape
+
+
 # ---------------------------------------------------------------------------------------- index
 SHARD_NAMES = st.sampled_from(["model.safetensors", "missing.safetensors", "../x.safetensors", "/etc/passwd",
                                "", ".", "a\x00b", "sub/../model.safetensors"]) | st.text(max_size=8) | JSON
