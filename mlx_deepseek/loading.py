@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,9 @@ from .models.moe import MixedPrecisionExperts, RoutedExperts
 QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
 
 
+# The hidden folder a conversion writes into before renaming it (convert/writer.py: atomic_folder).
+PARTIAL = re.compile(r"\..+\.partial-\d+")
+
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
@@ -36,6 +40,9 @@ def resolve_model_path(path_or_repo: str | os.PathLike, allow_patterns: list[str
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a model folder, got a file")
+        if PARTIAL.fullmatch(path.name):
+            raise CheckpointError(f"{path}: an unfinished conversion (python -m convert was interrupted); "
+                                  "run the conversion again")
         return path
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:

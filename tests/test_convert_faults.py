@@ -18,7 +18,7 @@ import pytest
 from conftest import tokens
 from test_convert import convert
 
-from mlx_deepseek import load_model
+from mlx_deepseek import CheckpointError, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,9 @@ def test_kill_9_at_random_points_leaves_nothing_that_looks_finished(checkpoint, 
             leftovers = [p.name for p in out.iterdir()]
             outcomes.append("killed while writing" if leftovers else "killed")
             assert all(name.startswith(".model.partial-") for name in leftovers), leftovers
+            for name in leftovers:  # never mistaken for a model, even when killed just before the rename
+                with pytest.raises(CheckpointError, match="an unfinished conversion"):
+                    load_model(out / name)
         assert digest(src) == before
     print(f"conversion: partial folder at {appeared:.2f} s, done at {total:.2f} s; kills: {outcomes}")
     assert sum(o.startswith("killed") for o in outcomes) >= 6 and "killed while writing" in outcomes, outcomes
