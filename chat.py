@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-bits", type=int, choices=(4, 8),
                    help="store the latent cache in 8 or 4 bits (1.7x / 2.8x smaller in bf16)")
     p.add_argument("--kv-group-size", type=int, default=64, help="quantization group of the latent cache")
+    p.add_argument("--quantize", type=int, metavar="BITS",
+                   help="quantize a float or block-FP8 checkpoint as it loads (e.g. 4), as the converter would")
     p.add_argument("--layers-split", help="under mlx.launch: layers per rank, e.g. 30,31 (default: by bytes)")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
@@ -161,15 +163,19 @@ class Chat:
             self.system, self.messages = rest or None, []
             self.out.write("System prompt set; new conversation.\n")
         elif name == "/save" and rest:
-            self.cache.save(rest, extra={"messages": self.messages, "system": self.system})
+            try:
+                self.cache.save(rest, extra={"messages": self.messages, "system": self.system})
+            except (OSError, TypeError, ValueError) as e:
+                self.out.write(f"Could not save (any earlier {rest} is unchanged): {e}\n")
+                return True
             self.out.write(f"Saved {len(self.messages)} messages and {len(self.cache.tokens)} cached tokens to {rest}.\n")
         elif name == "/load" and rest:
             from mlx_deepseek.generate import CacheFileError
 
             try:
                 extra = self.cache.load(rest)
-            except (CacheFileError, FileNotFoundError) as e:
-                self.out.write(f"Could not load: {e}\n")
+            except (CacheFileError, OSError) as e:
+                self.out.write(f"Could not load (the conversation is unchanged): {e}\n")
                 return True
             self.messages, self.system = extra.get("messages", []), extra.get("system")
             self.out.write(f"Loaded {len(self.messages)} messages and {len(self.cache.tokens)} cached tokens.\n")
@@ -190,6 +196,8 @@ def summary(s) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD instead of a crash
+        sys.stdin.reconfigure(errors="replace")
     if args.mtp and args.repetition_penalty:
         print("error: --mtp samples exactly from the model's distribution; it cannot apply "
               "--repetition-penalty", file=sys.stderr)
@@ -211,7 +219,7 @@ def main(argv=None) -> int:
                 model.serve()
                 return 0
         else:
-            model, tokenizer = load(folder, mtp=args.mtp)
+            model, tokenizer = load(folder, mtp=args.mtp, quantize=args.quantize)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -223,7 +231,13 @@ def main(argv=None) -> int:
 
 
 def run(args, folder: Path, model, tokenizer) -> int:
-    defaults = sampling_defaults(folder)
+    from mlx_deepseek import CheckpointError
+
+    try:
+        defaults = sampling_defaults(folder)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],
                 "top_p": args.top_p if args.top_p is not None else defaults["top_p"]}
     chat = Chat(model, tokenizer, args, sampling)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     try:
         return convert(args)
     except (CheckpointError, ConfigError, RecipeError, FileExistsError, OSError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            e = f"the disk filled up while writing ({e}); the partial output was removed, nothing else was touched"
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -67,6 +71,7 @@ def convert(args) -> int:
     if dst.exists() and not args.force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     src = resolve_model_path(args.hf_path, MODEL_FILES + ["*.bin", "*.py"])
+    check_destination(src, dst)
     config = read_config(src)
     try:
         model_args = args_from_config(config)
@@ -118,6 +123,25 @@ def convert(args) -> int:
     print(f"Wrote {dst}: {plan.nbytes / 1e9:.3f} GB in {len(shards)} shard(s), "
           f"{plan.nbytes * 8 / plan.parameters:.3f} bits per weight, {seconds:.1f} s")
     return 0
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refused before any work: writing into the source, over it, around it, or where we cannot write."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise FileExistsError(f"{dst} is the source folder; choose another --mlx-path")
+    if s in d.parents:
+        raise FileExistsError(f"{dst} is inside the source folder {src}; choose a folder outside it")
+    if d in s.parents:
+        raise FileExistsError(f"{dst} contains the source folder {src}; replacing it would delete the source")
+    parent = d.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{dst.name}.probe-"):
+            pass
+    except OSError as e:
+        raise OSError(f"{parent}: cannot write the output there ({e.strerror or e})") from None
 
 
 def _expert_aware(args, model_args: ModelArgs, recipe: Recipe, dtype) -> dict:

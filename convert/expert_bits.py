@@ -26,20 +26,22 @@ from .recipes import MODES, Quant, RecipeError
 def read_usage(file: Path, args: ModelArgs) -> dict:
     """The calibration file, checked against the model being converted."""
     try:
-        usage = json.loads(Path(file).read_text())
-    except (OSError, ValueError) as e:
+        usage = json.loads(Path(file).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
         raise RecipeError(f"--expert-usage {file}: not a readable JSON file ({e})") from None
     if not isinstance(usage, dict) or usage.get("format") != USAGE_FORMAT:
         raise RecipeError(f"--expert-usage {file}: not an expert-usage file (write one with python -m mlx_deepseek.calibrate)")
     expected = [f"model.layers.{i}.mlp.switch_mlp" for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
     counts = usage.get("counts", {})
+    if not isinstance(counts, dict):
+        raise RecipeError(f"--expert-usage {file}: counts must map MoE layers to lists of counts")
     if sorted(counts) != sorted(expected):
         missing, extra = sorted(set(expected) - set(counts)), sorted(set(counts) - set(expected))
         raise RecipeError(f"--expert-usage {file}: counts are for other layers than this model's MoE layers "
                           f"(missing {missing[:3]}, unexpected {extra[:3]}); was it measured on this model?")
     for layer, c in counts.items():
-        if len(c) != args.n_routed_experts or any(not isinstance(v, int) or v < 0 for v in c):
-            raise RecipeError(f"--expert-usage {file}: {layer} has {len(c)} counts, expected "
+        if not isinstance(c, list) or len(c) != args.n_routed_experts or any(type(v) is not int or v < 0 for v in c):
+            raise RecipeError(f"--expert-usage {file}: {layer} has {len(c) if isinstance(c, list) else c!r} counts, expected "
                               f"{args.n_routed_experts} non-negative integers (one per routed expert)")
     return usage
 

@@ -5,7 +5,6 @@ fp4.py); `read_fp4` gives an FP4 tensor's bytes as they are, to carry them over.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_deepseek.layout import CheckpointError
-from mlx_deepseek.loading import safetensors_header, weight_files
+from mlx_deepseek.loading import read_weight_map, safetensors_header, weight_files
 
 from . import fp4, fp8
 
@@ -128,6 +127,31 @@ def _safetensors(folder: Path, config: dict) -> Source:
     return Source(folder, config, tensors, read)
 
 
+def torch_state(torch, file: Path) -> dict:
+    """A .bin's tensors, read with `weights_only` (no pickled code ever runs): memory-mapped when the
+    file is in torch's zip format, read whole when it is the legacy (pre-1.6) pickle format."""
+    import pickle
+    import re
+    import zipfile
+
+    try:
+        state = torch.load(file, map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if wanted or "Weights only load failed" in str(e):
+            what = f" ({wanted.group(1)})" if wanted else ""
+            raise CheckpointError(
+                f"{file}: this file wants to execute code when it is unpickled{what}; it was not loaded. "
+                "Only plain tensors are read from .bin files (torch.load weights_only)"
+            ) from None
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{file}: holds {type(state).__name__}, not a dict of named tensors (a state dict)")
+    return state
+
+
 def _torch_bin(folder: Path, config: dict) -> Source:
     try:
         import torch
@@ -137,21 +161,12 @@ def _torch_bin(folder: Path, config: dict) -> Source:
         ) from None
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({(folder / f).resolve() for f in weight_map.values()})
-        for f in files:
-            if folder.resolve() not in f.parents:
-                raise CheckpointError(f"{index}: points to {f.name}, outside the model folder")
-            if not f.is_file():
-                raise CheckpointError(f"{index}: shard {f.name} is missing from {folder}")
+        files = sorted(set(read_weight_map(index).values()))
     else:
         files = sorted(folder.glob("*.bin"))
     tensors, loaded = {}, {}
     for file in files:
-        try:
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+        state = torch_state(torch, file)
         for name, t in state.items():
             dtype = TORCH_DTYPES.get(str(t.dtype), str(t.dtype))
             tensors[name] = TensorInfo(tuple(t.shape), dtype, file, t.numel() * t.element_size())

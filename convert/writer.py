@@ -66,12 +66,33 @@ def write_shard(file: Path, jobs: list, on_bytes=lambda n: None) -> list[str]:
     return [t.name for job in jobs for t in job.outputs]
 
 
+def _remove_stale(dst: Path) -> None:
+    """Partial folders of earlier runs that were killed (their process is gone) are removed."""
+    if not dst.parent.is_dir():
+        return
+    for old in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_folder(dst: Path, force: bool):
     """Yields a temporary folder beside dst; renamed to dst only if the block finishes."""
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    _remove_stale(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

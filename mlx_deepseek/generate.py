@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .models.cache import LatentCache, make_latent_cache
+from .models.cache import make_latent_cache
 
-CACHE_FORMAT = "mlx-deepseek-latent-cache/1"
+CACHE_FORMAT = "mlx-deepseek-latent-cache/2"  # /2: with a checksum
 
 
 class CacheFileError(ValueError):
@@ -59,8 +60,24 @@ class PromptCache:
         self.snapshots = None if all(c.is_trimmable() for c in self.cache) else Snapshots()
         self.reprefilled = 0  # tokens the last reuse() ran again after restoring a snapshot
 
+    def settle(self, chunk_size: int = 512) -> None:
+        """Make `tokens` and every layer's cache agree. A step interrupted part-way (Ctrl-C in the
+        middle of a forward pass) leaves some layers ahead of `tokens` and others behind it: keep
+        what all of them hold. (Snapshot caches, DeepSeek-V4's, go back to a snapshot and forward.)"""
+        n = min([len(self.tokens)] + [c.offset for c in self.cache])
+        if self.snapshots is not None:
+            if n < len(self.tokens) or not all(c.offset == n and c.consistent() for c in self.cache):
+                self._rewind(n, chunk_size)
+            return
+        for c in self.cache:
+            c.trim(c.offset - n)
+        del self.tokens[n:]
+        if self.draft_cache is not None:
+            self.draft_cache.trim(max(0, self.draft_cache.offset - n))
+
     def reuse(self, prompt: Sequence[int], chunk_size: int = 512) -> int:
         """Rewind to the longest common prefix with `prompt` (leaving >= 1 token to run); returns its length."""
+        self.settle()
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
@@ -148,61 +165,52 @@ class PromptCache:
         return sum(c.nbytes for c in self.cache)
 
     def save(self, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
-        """Write the held tokens and latents with the model's fingerprint (atomically).
+        """Write the held tokens and latents with the model's fingerprint and a checksum (atomically:
+        an existing file is replaced only once the new one is complete on disk).
 
         `extra` (JSON-serializable, e.g. the conversation) travels in the same file.
         """
+        self.settle()
         arrays = {"tokens": mx.array(np.array(self.tokens, dtype=np.int32))}
         for name, c in self._named_caches():
             for j, a in enumerate(c.state):
                 arrays[f"{name}.{j}"] = a
-        meta = {name: c.meta_state for name, c in self._named_caches()}
+        meta = {"format": CACHE_FORMAT, "model": model_fingerprint(self.model),
+                "caches": json.dumps({name: c.meta_state for name, c in self._named_caches()}),
+                "extra": json.dumps(extra or {})}
+        meta["checksum"] = cache_checksum(arrays, meta)
         path = Path(path)
         tmp = path.with_name(path.name + ".partial.safetensors")
-        mx.save_safetensors(str(tmp), arrays, metadata={
-            "format": CACHE_FORMAT, "model": model_fingerprint(self.model), "caches": json.dumps(meta),
-            "extra": json.dumps(extra or {})})
-        os.replace(tmp, path)
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata=meta)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _named_caches(self):
         named = [(f"layer.{i}", c) for i, c in enumerate(self.cache)]
         return named + ([("draft", self.draft_cache)] if self.draft_cache is not None else [])
 
     def load(self, path: str | os.PathLike) -> dict:
-        """Replace this cache by a saved one (plain or quantized, as saved); returns its `extra`."""
+        """Replace this cache by a saved one (plain or quantized, as saved); returns its `extra`.
+        A file that is not exactly what was saved for this model raises CacheFileError and leaves
+        this cache as it was."""
         path = Path(path)
-        try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-        except Exception as e:
-            raise CacheFileError(f"{path}: not a readable cache file ({e})") from e
-        if meta.get("format") != CACHE_FORMAT:
-            raise CacheFileError(f"{path}: not an mlx-deepseek cache file (format {meta.get('format')!r})")
+        arrays, meta = read_cache_file(path)
         if meta.get("model") != model_fingerprint(self.model):
             raise CacheFileError(f"{path}: saved with a different model; it cannot continue this one")
-        tokens = np.array(arrays["tokens"]).tolist()
-        kinds = json.loads(meta.get("caches", "{}"))
-        restored = {}
-        fresh = self.model.make_cache() if self.snapshots is not None else None
-        for name, kind in kinds.items():
-            parts = sorted((k for k in arrays if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            if fresh is not None:  # DeepSeek-V4: layers and the MTP block's cache restore their state
-                if name.startswith("layer."):
-                    i = int(name.split(".")[1])
-                    if i >= len(fresh):
-                        continue
-                    c = fresh[i]
-                elif name == "draft" and self.draft_cache is not None:
-                    c = self.model.make_draft_cache()
-                else:
-                    continue
-                try:
-                    c.load_state(kind, [arrays[k] for k in parts])
-                except (ValueError, KeyError, TypeError) as e:
-                    raise CacheFileError(f"{path}: {name} does not fit this model ({e})") from None
-            else:
-                c = make_latent_cache(*map(int, kind.split(","))) if kind else LatentCache()
-                c.state = [arrays[k] for k in parts]
-            restored[name] = c
+        try:
+            kinds, extra = json.loads(meta["caches"]), json.loads(meta["extra"])
+        except (KeyError, ValueError, RecursionError) as e:
+            raise CacheFileError(f"{path}: corrupt metadata ({e})") from None
+        tokens = arrays.get("tokens")
+        if tokens is None or tokens.ndim != 1 or tokens.dtype != mx.int32 or not isinstance(kinds, dict) \
+                or not isinstance(extra, dict):
+            raise CacheFileError(f"{path}: corrupt contents (tokens, caches or extra)")
+        tokens = np.array(tokens).tolist()
+        restored = {name: self._restored(path, name, kind, arrays, len(tokens)) for name, kind in kinds.items()}
         cache = [restored.get(f"layer.{i}") for i in range(len(self.cache))]
         for i, c in enumerate(cache):
             if c is None or c.offset != len(tokens):
@@ -213,7 +221,82 @@ class PromptCache:
         if self.snapshots is not None:  # the loaded state is where the next turn starts
             self.snapshots = Snapshots()
             self.checkpoint(None, settled=True)
-        return json.loads(meta.get("extra") or "{}")
+        return extra
+
+    def _restored(self, path: Path, name: str, kind, arrays: dict, n: int):
+        """One saved cache, its arrays checked against the model's latent widths."""
+        if self.snapshots is not None:
+            return self._restored_v4(path, name, kind, arrays)
+        args = self.model.args
+        try:
+            bits, group = map(int, kind.split(",")) if kind else (None, 64)
+            c = make_latent_cache(bits, group)
+        except (AttributeError, ValueError, TypeError):
+            raise CacheFileError(f"{path}: {name} has an unknown cache kind {kind!r}") from None
+        parts = [arrays[f"{name}.{j}"] for j in range(len(arrays)) if f"{name}.{j}" in arrays]
+        R, rope = args.kv_lora_rank, args.qk_rope_head_dim
+        widths = [R, rope] if bits is None else [R * bits // 32, R // group, R // group, rope]
+        length = parts[0].shape[2] if parts and parts[0].ndim == 4 else -1
+        if parts and not (len(parts) == len(widths) and 0 < length <= n and all(
+                p.ndim == 4 and tuple(p.shape[:3]) == (1, 1, length) and p.shape[3] == w for p, w in zip(parts, widths))):
+            raise CacheFileError(f"{path}: {name} holds arrays of shapes {[p.shape for p in parts]}, "
+                                 f"not this model's latent cache")
+        c.state = parts
+        return c
+
+    def _restored_v4(self, path: Path, name: str, kind, arrays: dict):
+        """One saved DeepSeek-V4 layer (or MTP block) cache: its parts named and shaped as this model's."""
+        parts = [arrays[f"{name}.{j}"] for j in range(len(arrays)) if f"{name}.{j}" in arrays]
+        n = self.model.args.num_hidden_layers
+        if name == "draft":
+            c = self.model.make_draft_cache()
+        elif name.startswith("layer.") and name[6:].isdigit() and int(name[6:]) < n:
+            c = self.model.make_cache()[int(name[6:])]
+        else:
+            raise CacheFileError(f"{path}: {name} is not a cache of this model")
+        try:
+            c.load_state(kind, parts)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CacheFileError(f"{path}: {name} does not fit this model ({e})") from None
+        return c
+
+
+CACHE_ARRAY = re.compile(r"^(tokens|layer\.\d+\.\d+|draft\.\d+)$")
+
+
+def cache_checksum(arrays: dict[str, mx.array], meta: dict[str, str]) -> str:
+    """sha256 of every array (name, dtype, shape, bytes) and the metadata that describes them."""
+    h = hashlib.sha256()
+    for key in ("format", "model", "caches", "extra"):
+        h.update(f"{key}={meta.get(key)}\n".encode())
+    for name in sorted(arrays):
+        a = mx.contiguous(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}\n".encode())
+        h.update(memoryview(np.array(a.view(mx.uint8) if a.size else mx.zeros((0,), mx.uint8))))
+    return h.hexdigest()
+
+
+def read_cache_file(path: Path) -> tuple[dict, dict]:
+    """A cache file's arrays and metadata, refused (CacheFileError) unless exactly as saved."""
+    from .loading import safetensors_header
+    from .layout import CheckpointError
+
+    if not path.is_file():
+        raise CacheFileError(f"{path}: no such file")
+    try:
+        safetensors_header(path)  # offsets and sizes checked before MLX reads anything
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        raise CacheFileError(f"{path}: not a readable cache file ({e})") from None
+    if meta.get("format") != CACHE_FORMAT:
+        old = meta.get("format") == "mlx-deepseek-latent-cache/1"
+        raise CacheFileError(f"{path}: " + ("saved by an earlier version without a checksum; it cannot be verified"
+                                            if old else f"not an mlx-deepseek cache file (format {meta.get('format')!r})"))
+    if not all(CACHE_ARRAY.match(name) for name in arrays):
+        raise CacheFileError(f"{path}: corrupt (unexpected arrays {sorted(arrays)[:3]})")
+    if meta.get("checksum") != cache_checksum(arrays, meta):
+        raise CacheFileError(f"{path}: corrupt (its checksum does not match its contents); nothing was loaded")
+    return arrays, meta
 
 
 def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 512,
@@ -486,12 +569,28 @@ def stream_generate(
 
 def sampling_defaults(folder: Path) -> dict:
     """The model's recommended sampling (R1: temperature 0.6, top-p 0.95) from generation_config.json."""
-    config = {}
-    if (Path(folder) / "generation_config.json").is_file():
-        config = json.loads((Path(folder) / "generation_config.json").read_text())
+    from .layout import CheckpointError
+
+    folder = Path(folder)
+    file, config = folder / "generation_config.json", {}
+    if file.is_file():
+        try:
+            config = json.loads(file.read_bytes())
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file}: a JSON {type(config).__name__}, expected an object")
     if config.get("do_sample") is False:
         return {"temp": 0.0, "top_p": 0.0}
-    return {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
+    out = {"temp": config.get("temperature", 0.6), "top_p": config.get("top_p", 0.95)}
+    for key, value in out.items():
+        if value is None:
+            out[key] = {"temp": 0.6, "top_p": 0.95}[key]
+        elif type(value) not in (int, float) or not 0 <= value < float("inf") or (key == "top_p" and value > 1):
+            raise CheckpointError(f"{file}: {'temperature' if key == 'temp' else key}={value!r} is not valid: "
+                                  f"expected a number{' between 0 and 1' if key == 'top_p' else ' >= 0'}")
+        out[key] = float(out[key])
+    return out
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:

@@ -44,7 +44,7 @@ def to_model_layout(
 
     `quant_params(module_path)` gives the quantization of a module in an mlx-lm folder (or None).
     With `keep_mtp`, the first MTP layer becomes `mtp.*`; its copies of the embedding and the head
-    come out as `mtp.copy.embed_tokens.*` / `mtp.copy.lm_head.*` for the caller to check.
+    come out as `mtp.embed_tokens.*` / `mtp.lm_head.*` for the caller to compare with the main ones.
     """
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     out: dict[str, mx.array] = {}
@@ -97,8 +97,8 @@ def to_model_layout(
 
 
 MTP_NAMES = {"enorm.": "mtp.enorm.", "hnorm.": "mtp.hnorm.", "eh_proj.": "mtp.eh_proj.",
-             "shared_head.norm.": "mtp.head_norm.", "embed_tokens.": "mtp.copy.embed_tokens.",
-             "shared_head.head.": "mtp.copy.lm_head."}
+             "shared_head.norm.": "mtp.head_norm.", "embed_tokens.": "mtp.embed_tokens.",
+             "shared_head.head.": "mtp.lm_head."}
 
 
 def mtp_module_name(rest: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Optional
@@ -24,11 +25,12 @@ from .layout_v4 import port_module_names, to_v4_layout
 from .models import args_from_config, is_v4, model_class
 from .models.moe import MixedPrecisionExperts, RoutedExperts
 
-SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-                      "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 # The aliases under which mlx-lm's config.json may give a per-module quantization.
 QUANT_ALIASES = {"key_up": ("kv_b_proj", "embed_q"), "value_up": ("kv_b_proj", "unembed_out")}
 
+
+# The hidden folder a conversion writes into before renaming it (convert/writer.py: atomic_folder).
+PARTIAL = re.compile(r"\..+\.partial-\d+")
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
@@ -39,6 +41,9 @@ def resolve_model_path(path_or_repo: str | os.PathLike, allow_patterns: list[str
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected a model folder, got a file")
+        if PARTIAL.fullmatch(path.name):
+            raise CheckpointError(f"{path}: an unfinished conversion (python -m convert was interrupted); "
+                                  "run the conversion again")
         return path
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
@@ -60,9 +65,12 @@ def read_config(folder: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{folder}: no config.json")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+        config = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: a JSON {type(config).__name__}, expected an object")
+    return config
 
 
 def safetensors_header(file: Path) -> tuple[dict, int]:
@@ -76,41 +84,88 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from e
     data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
+            if not (info is None or isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{file}: __metadata__ must map names to strings")
             continue
-        start, end = info.get("data_offsets", (0, -1))
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        if not 0 <= start <= end <= data_size:
-            raise CheckpointError(
-                f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
-                "(truncated or corrupt download?)"
-            )
+        _check_entry(file, name, info, data_size)
     return header, 8 + n
+
+
+# Bytes per element of each safetensors dtype.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+               "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def _check_entry(file: Path, name: str, info, data_size: int) -> None:
+    """A header entry: a known dtype, a shape of non-negative integers, and offsets inside the data
+    that hold exactly shape x itemsize bytes (so nothing reads past the file or allocates more)."""
+    def integers(v, length=None):
+        return isinstance(v, list) and (length is None or len(v) == length) and \
+            all(type(x) is int and x >= 0 for x in v)
+
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: tensor {name}: header entry is not an object")
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPE_SIZES:
+        raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not integers(shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {shape!r}; expected a list of non-negative integers")
+    if not integers(offsets, 2):
+        raise CheckpointError(f"{file}: tensor {name} has data_offsets {offsets!r}; expected [start, end]")
+    start, end = offsets
+    if not start <= end <= data_size:
+        raise CheckpointError(
+            f"{file}: tensor {name} needs bytes {start}..{end} but the file holds {data_size} "
+            "(truncated or corrupt download?)"
+        )
+    expected = DTYPE_SIZES[info["dtype"]]
+    for d in shape:
+        expected *= d
+    if expected != end - start:
+        raise CheckpointError(f"{file}: tensor {name} of shape {tuple(shape)} ({info['dtype']}) needs {expected} "
+                              f"bytes, its data_offsets give {end - start} (corrupt header)")
+
+
+def read_weight_map(index_file: Path) -> dict[str, Path]:
+    """An index's `weight_map` (safetensors or .bin): tensor name -> its shard, each shard checked to
+    be a file inside the index's folder."""
+    try:
+        index = json.loads(index_file.read_bytes())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_file}: not a valid index ({type(e).__name__}: {e})") from None
+    folder, files, shards = index_file.parent, {}, {}
+    root = folder.resolve()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, not a file name")
+        if name not in shards:  # each shard checked once (V3's index names ~90k tensors, 163 shards)
+            file = (folder / name).resolve()
+            if root not in file.parents:
+                raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, outside the model folder")
+            if not file.is_file():
+                raise CheckpointError(f"{index_file}: shard {file.name} is missing from {folder}")
+            shards[name] = file
+        files[tensor] = shards[name]
+    return files
 
 
 def weight_files(folder: Path) -> dict[Path, set[str]]:
     """The shards to read, each with the tensor names the index promises it holds."""
     index_file = folder / "model.safetensors.index.json"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_file}: not a valid index ({e})") from e
         files: dict[Path, set[str]] = {}
-        root = folder.resolve()
-        for tensor, name in weight_map.items():
-            file = (folder / name).resolve()
-            if root not in file.parents:
-                raise CheckpointError(f"{index_file}: tensor {tensor} points to {name!r}, outside the model folder")
+        for tensor, file in read_weight_map(index_file).items():
             files.setdefault(file, set()).add(tensor)
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{index_file}: shard {file.name} is missing from {folder}")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -141,13 +196,72 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
             raise CheckpointError(f"{file}: the index says it holds {absent[:5]} but it does not")
         fp4 = [k for k, info in header.items() if isinstance(info, dict) and info.get("dtype") == "I8"
                and k.endswith(".weight") and k[: -len("weight")] + "scale" in header]
-        if fp4 or any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
-            raise CheckpointError(
-                f"{file}: FP8{'/FP4' if fp4 else ''} weights; convert the checkpoint first: "
-                f"python -m convert --hf-path {folder} ..."
-            )
+        if fp4:  # DeepSeek-V4 as published
+            raise CheckpointError(f"{file}: FP8/FP4 weights; convert the checkpoint first: "
+                                  f"python -m convert --hf-path {folder} ...")
+        if any(info.get("dtype", "").startswith("F8") for info in header.values() if isinstance(info, dict)):
+            raise CheckpointError(f"{file}: FP8 tensors, but config.json announces no FP8 quantization_config")
         weights.update(mx.load(str(file)))
     return weights
+
+
+def is_block_fp8(config: dict) -> bool:
+    q = config.get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "fp8" and "quantization" not in config
+
+
+def only_torch_bin(folder: Path) -> bool:
+    """PyTorch .bin weights and no safetensors: read through the converter's .bin reader."""
+    return not (folder / "model.safetensors.index.json").is_file() and not list(folder.glob("*.safetensors")) \
+        and bool(list(folder.glob("*.bin")))
+
+
+def convert_on_load(folder: Path, config: dict, args: ModelArgs, quantize: Optional[int], group_size: int,
+                    dtype: Optional[mx.Dtype], mtp: bool) -> tuple[dict, dict]:
+    """(the config as the converter would write it, its output tensors) of a float or FP8 checkpoint,
+    converted in memory tensor by tensor (convert/memory.py: the converter's own arithmetic)."""
+    qc = config.get("quantization_config")
+    if config.get("quantization") or (isinstance(qc, dict) and qc.get("bits")):
+        raise CheckpointError(f"{folder}: already quantized; load it without quantize=")
+    from convert.memory import convert_in_memory
+    from convert.recipes import Quant, RecipeError
+
+    quant = Quant(quantize, group_size) if quantize is not None else None
+    try:
+        weights, q = convert_in_memory(folder, config, args, quant, dtype, keep_mtp=mtp)
+    except RecipeError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return ({**config, "quantization": q} if q else config), weights
+
+
+QUANT_KEYS = {"group_size": (16, 32, 64, 128), "bits": (2, 3, 4, 5, 6, 8),
+              "mode": ("affine", "mxfp4", "nvfp4", "mxfp8")}
+
+
+def check_quantization(q) -> None:
+    """mlx-lm's `quantization` block: defaults of known values, per-module entries false or objects."""
+    def check(settings: dict, where: str, required: bool) -> None:
+        for key, allowed in QUANT_KEYS.items():
+            if (required and key != "mode") or key in settings:
+                if settings.get(key) not in allowed or type(settings.get(key)) is bool:
+                    raise CheckpointError(f"config.json: quantization {where}{key}={settings.get(key)!r} "
+                                          f"is not valid: expected one of {list(allowed)}")
+        bits = settings.get("expert_bits")
+        if bits is not None and not (isinstance(bits, list) and all(b in QUANT_KEYS["bits"] for b in bits)):
+            raise CheckpointError(f"config.json: quantization {where}expert_bits={bits!r} is not valid")
+
+    if not isinstance(q, dict):
+        raise CheckpointError(f"config.json: quantization={q!r} is not valid: expected an object")
+    check(q, "", required=True)
+    for module, settings in q.items():
+        if module not in QUANT_KEYS and module != "quant_method":
+            if settings is False or settings is None:
+                continue
+            if not isinstance(settings, dict):
+                raise CheckpointError(f"config.json: quantization of {module}={settings!r} is not valid: "
+                                      "expected an object or false")
+            check(settings, f"of {module}: ", required=False)
 
 
 def quantization_of(config: dict, args: ModelArgs):
@@ -155,7 +269,7 @@ def quantization_of(config: dict, args: ModelArgs):
     q = config.get("quantization")
     if q is None:
         qc = config.get("quantization_config")
-        if qc and "bits" not in qc:
+        if qc and isinstance(qc, dict) and "bits" not in qc:
             method = qc.get("quant_method", "unknown")
             raise CheckpointError(
                 f"config.json: quantization_config ({method}) is a Hugging Face format; "
@@ -164,6 +278,7 @@ def quantization_of(config: dict, args: ModelArgs):
         q = qc
     if not q:
         return None, lambda path: None
+    check_quantization(q)
     defaults = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
 
     def params(path: str):
@@ -178,13 +293,16 @@ def quantization_of(config: dict, args: ModelArgs):
     return defaults, params
 
 
-def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
+def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
+               quantize: Optional[int] = None, group_size: int = 64):
     """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
 
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
+    `quantize=BITS` quantizes a float or block-FP8 checkpoint as it loads (affine, `group_size`),
+    exactly as `python -m convert -q --q-bits BITS` would; block-FP8 loads without it too.
     """
     folder = resolve_model_path(path_or_repo)
-    args, defaults, quant_params, weights = read_model_folder(folder, mtp)
+    args, defaults, quant_params, weights = read_model_folder(folder, mtp, quantize, group_size, dtype)
     model = model_class(args)(args, mtp=mtp)
     install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
     if not lazy:
@@ -193,22 +311,35 @@ def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = Non
     return model
 
 
-def read_model_folder(folder: Path, mtp: bool = False):
+def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] = None, group_size: int = 64,
+                      dtype: Optional[mx.Dtype] = None):
     """(args, quantization defaults, per-module quantization lookup, tensors in our module layout)
-    of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked)."""
+    of a local folder, read lazily; with `mtp`, the MTP layer too (its shared copies checked).
+    Block-FP8 checkpoints, and any float one with `quantize`, go through the converter in memory."""
     config = read_config(folder)
     try:
         args = args_from_config(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
+    on_load = quantize is not None or is_block_fp8(config) or only_torch_bin(folder)
+    if on_load and is_v4(args):
+        raise CheckpointError(f"{folder}: DeepSeek-V4 as published (FP8/FP4), a .bin, or quantize-on-load: "
+                              f"convert the checkpoint first: python -m convert --hf-path {folder} ...")
+    if on_load:
+        config, raw = convert_on_load(folder, config, args, quantize, group_size, dtype, mtp)
+    else:
+        raw = read_weights(folder)
     defaults, quant_params = quantization_of(config, args)
     if is_v4(args):
-        weights = to_v4_layout(read_weights(folder), args, keep_mtp=mtp)
+        weights = to_v4_layout(raw, args, keep_mtp=mtp)
         if mtp and not any(k.startswith("mtp.") for k in weights):
             raise CheckpointError(f"{folder}: no multi-token-prediction block (mtp.0.*) in this checkpoint; "
                                   "run without MTP")
         return args, defaults, quant_params, weights
-    weights = to_model_layout(read_weights(folder), args, quant_params, keep_mtp=mtp)
+    try:
+        weights = to_model_layout(raw, args, quant_params, keep_mtp=mtp)
+    except CheckpointError as e:  # layout errors name the tensor; say which folder too
+        raise CheckpointError(f"{folder}: {e}") from None
     if mtp:
         share_mtp_copies(weights, folder, args)
     return args, defaults, quant_params, weights
@@ -218,6 +349,8 @@ def install_weights(module: nn.Module, weights: dict, defaults, quant_params, wh
                     checkpoint_path=lambda p: p) -> None:
     """Quantize the modules whose weights come quantized, check every shape, load.
     `checkpoint_path` maps a module path of `module` to the model's (for per-module settings)."""
+    if "mtp" in module:  # the MTP layer's stored embedding / head, where they differ from the main ones
+        module.mtp.own_copies("mtp.embed_tokens.weight" in weights, "mtp.lm_head.weight" in weights)
     if defaults is not None:
         _mix_expert_precision(module, quant_params, checkpoint_path)
         nn.quantize(
@@ -247,18 +380,25 @@ def _mix_expert_precision(module: nn.Module, quant_params, checkpoint_path) -> N
 
 
 def share_mtp_copies(weights: dict, folder: Path, args: ModelArgs) -> None:
-    """The MTP layer's embedding and head must equal the main ones: check, then drop the copies."""
+    """The MTP layer's stored embedding and head: dropped where they equal the main ones (which it
+    then shares: ~1 GB less on R1), kept as its own where a fine-tune trained them apart."""
     layer = f"model.layers.{args.num_hidden_layers}"
     if not any(k.startswith("mtp.") for k in weights):
         raise CheckpointError(
             f"{folder}: no multi-token-prediction layer ({layer}.*) in this checkpoint "
             f"(num_nextn_predict_layers={args.num_nextn_predict_layers}); run without MTP"
         )
-    for name in [k for k in weights if k.startswith("mtp.copy.")]:
-        main = name.replace("mtp.copy.", "model.", 1) if ".embed_tokens." in name else name[len("mtp.copy."):]
-        if main in weights and not mx.array_equal(weights[name], weights[main]).item():
-            raise CheckpointError(f"{folder}: {name} differs from {main}; the MTP layer must share them")
-        del weights[name]
+    head = "model.embed_tokens" if args.tie_word_embeddings else "lm_head"
+    for copy, main in (("mtp.embed_tokens", "model.embed_tokens"), ("mtp.lm_head", head)):
+        parts = [k for k in weights if k.startswith(copy + ".")]
+        same_parts = {k[len(copy):] for k in parts} == {k[len(main):] for k in weights if k.startswith(main + ".")}
+        if parts and same_parts and all(_equal(weights[k], weights.get(main + k[len(copy):])) for k in parts):
+            for k in parts:
+                del weights[k]
+
+
+def _equal(a: mx.array, b: Optional[mx.array]) -> bool:
+    return b is not None and a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
 
 
 # Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.
@@ -275,10 +415,13 @@ def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.arr
     return value
 
 
-def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False):
-    """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer."""
+def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
+         quantize: Optional[int] = None, group_size: int = 64):
+    """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer.
+    `quantize=BITS`: quantize on load (see `load_model`)."""
     folder = resolve_model_path(path_or_repo)
-    return load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp), load_tokenizer(folder)
+    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp, quantize=quantize, group_size=group_size)
+    return model, load_tokenizer(folder)
 
 
 def load_tokenizer(folder: Path):
@@ -286,4 +429,11 @@ def load_tokenizer(folder: Path):
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
     eos = read_config(folder).get("eos_token_id")
-    return mlx_lm_load_tokenizer(folder, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    eos = [eos] if type(eos) is int else eos
+    if eos is not None and not (isinstance(eos, list) and all(type(e) is int and e >= 0 for e in eos)):
+        raise CheckpointError(f"{folder / 'config.json'}: eos_token_id={eos!r} is not valid: "
+                              "expected a token id or a list of them")
+    try:
+        return mlx_lm_load_tokenizer(folder, eos_token_ids=eos)
+    except Exception as e:  # transformers / tokenizers parse these files; any failure is a bad file
+        raise CheckpointError(f"{folder}: the tokenizer files could not be read ({type(e).__name__}: {e})") from None

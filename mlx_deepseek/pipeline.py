@@ -42,8 +42,8 @@ from .models import args_from_config, is_v4
 from .models.cache import make_latent_cache
 from .models.config import ModelArgs
 from .layout import CheckpointError
-from .loading import (cast_weight, entry_nbytes, install_weights, load_tokenizer, read_config, read_model_folder,
-                      resolve_model_path, tensor_headers)
+from .loading import (cast_weight, entry_nbytes, install_weights, is_block_fp8, load_tokenizer, only_torch_bin,
+                      read_config, read_model_folder, resolve_model_path, tensor_headers)
 from .generate import Snapshots
 from .models.block import DecoderLayer
 
@@ -165,6 +165,9 @@ def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stag
     """Build a stage and read only its own tensors (the others are never loaded). With `mtp`,
     rank 0's stage also holds the MTP layer."""
     mtp = mtp and span.start == 0
+    if is_block_fp8(read_config(folder)) or only_torch_bin(folder):  # they would be read whole on every rank
+        raise CheckpointError(f"{folder}: block-FP8 and .bin checkpoints load directly in one process only; "
+                              "for a pipeline, convert it first: python -m convert --hf-path ... --mlx-path ...")
     args, defaults, quant_params, mapped = read_model_folder(folder, mtp)
     weights = {}
     for name, value in mapped.items():
@@ -296,7 +299,8 @@ class PipelineModel:
     def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> mx.array:
         if self.stage.v4:
             return self.stage.head(self.stage.mtp(hidden, self.stage.embed(next_tokens), next_tokens, cache))
-        return self.logits(self.stage.mtp(hidden, self.stage.embed_tokens(next_tokens), cache))
+        mtp = self.stage.mtp
+        return mtp.head(mtp(hidden, mtp.embed(next_tokens, self.stage.embed_tokens), cache), self.logits)
 
     def stop(self) -> None:
         self.send_ring(_header(STOP))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, latent_cache, mixed_experts, mtp, plots, quantization, runtime
+from bench import convert_memory, fp8_load, latent_cache, mixed_experts, mtp, plots, quantization, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +51,10 @@ def test_mixed_experts_benchmark_runs(results):
     assert mixed_experts.main(["--small", "--reps", "2"]) == 0
     rows = json.loads((results / "mixed_experts.json").read_text())["rows"]
     assert [r["bits_per_expert_weight"] for r in rows] == [3.0, 3.0, 3.0] and all(r["decode_ms"] > 0 for r in rows)
+
+
+def test_fp8_load_benchmark_runs(results):
+    assert fp8_load.main(["--config", "tinyseek", "--layers", "2", "--experts", "4", "--vocab", "512"]) == 0
+    rows = json.loads((results / "fp8_load.json").read_text())
+    assert [r["case"] for r in rows] == ["load(fp8), bfloat16", "load(fp8, quantize=4)"]
+    assert all(r["peak_rss_gb"] > 0 for r in rows)

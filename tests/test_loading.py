@@ -163,12 +163,15 @@ def test_sharded_checkpoint_loads(checkpoint, tmp_path):
     assert rel_err(np.array(load_model(folder)(mx.array(tokens(8)))), reference) == 0.0
 
 
-def test_fp8_checkpoint_points_to_the_converter(checkpoint, tmp_path):
+def test_fp8_tensors_without_fp8_config_are_named(checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
     folder = copy_of(checkpoint("v3"), tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (folder / "config.json").write_text(json.dumps(config))
-    expect_error(folder, "python -m convert")
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(state, str(folder / "model.safetensors"))
+    expect_error(folder, "model.safetensors", "announces no FP8")
 
 
 def test_unknown_model_type_names_folder_and_type(checkpoint, tmp_path):

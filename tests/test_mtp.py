@@ -73,16 +73,30 @@ def test_a_checkpoint_without_mtp_says_so(checkpoint):
         list(stream_generate(model, tokenizer, "x", mtp=True))
 
 
-def test_a_differing_mtp_copy_is_refused(tmp_path):
+@pytest.mark.parametrize("which", ["head", "embedding", "both"])
+def test_differing_mtp_copies_are_used_as_stored(which, tinyseek, tmp_path):
+    """A fine-tune that trained the MTP layer's embedding / head apart: the stored ones are used."""
     from safetensors.numpy import load_file, save_file
 
     folder = tmp_path / "m"
     shutil.copytree(TINYSEEK, folder)
     weights = load_file(folder / "model.safetensors")
-    weights["model.layers.4.shared_head.head.weight"] = weights["model.layers.4.shared_head.head.weight"] + 1
+    rng = np.random.default_rng(0)
+    for part, name in (("head", "shared_head.head"), ("embedding", "embed_tokens")):
+        if which in (part, "both"):
+            w = weights[f"model.layers.4.{name}.weight"]
+            weights[f"model.layers.4.{name}.weight"] = w + (0.05 * rng.standard_normal(w.shape)).astype(w.dtype)
     save_file(weights, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match="mtp.copy.lm_head.weight differs from lm_head.weight"):
-        load_model(folder, mtp=True)
+    model = load_model(folder, mtp=True)
+    assert ("lm_head" in model.mtp) == (which != "embedding") and ("embed_tokens" in model.mtp) == (which != "head")
+
+    # the math: the (verified) shared model's MTP block fed the stored embedding, read out by the stored head
+    base, ids = tinyseek[0], VAL[None, :40]
+    E, H = weights["model.layers.4.embed_tokens.weight"], weights["model.layers.4.shared_head.head.weight"]
+    h = base.model(mx.array(ids))
+    x = np.array(base.mtp(h[:, :-1], mx.array(E[ids[:, 1:]])))
+    assert rel_err(mtp_logits(model, ids), x @ H.T) < 1e-5
+    assert np.array_equal(np.array(model(mx.array(ids))), np.array(base(mx.array(ids))))
 
 
 def test_greedy_with_mtp_is_token_for_token_plain_greedy(tinyseek):

@@ -7,6 +7,7 @@ One dataclass covers both families: `deepseek_v2` (V2, V2-Lite, V2.5, Coder-V2) 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -81,8 +82,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise ConfigError(f"config.json: a JSON {type(config).__name__}, expected an object")
         model_type = config.get("model_type")
-        if model_type not in FAMILIES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise ConfigError(
                 f"config.json: model_type {model_type!r} is not supported; "
                 f"expected one of {sorted(FAMILIES)}"
@@ -93,6 +96,7 @@ class ModelArgs:
 
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in fields and v is not None}
+        check_types(values)
         for key, default in FAMILY_ROUTER_DEFAULTS[FAMILIES[model_type]].items():
             values.setdefault(key, default)
         values["rope_theta"], values["rope_scaling"] = _read_rope(config)
@@ -138,13 +142,61 @@ class ModelArgs:
             fail("moe_layer_freq", "a positive integer")
 
 
+# Field kinds beyond REQUIRED (positive integers); a dimension beyond 2^22 is no DeepSeek model.
+COUNTS = ("moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
+          "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings",
+          "q_lora_rank", "n_routed_experts")
+REALS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+FLAGS = ("norm_topk_prob", "attention_bias", "tie_word_embeddings")
+NAMES = ("model_type", "topk_method", "scoring_func")
+LARGEST = 2**22
+
+
+def check_types(values: dict) -> None:
+    """Every field read from config.json of the type it must have, in a sane range (not a string
+    where a number goes, not a bool for a count, no size that would ask for absurd memory)."""
+    def fail(field, expected):
+        raise ConfigError(f"config.json: {field}={values[field]!r} is not valid: expected {expected}")
+
+    for field in REQUIRED + COUNTS:
+        if field in values:
+            v = values[field]
+            if type(v) is not int or v < 0 or v > (2**31 - 1 if field == "max_position_embeddings" else LARGEST):
+                fail(field, f"an integer between 0 and {LARGEST}")
+    for field in REALS:
+        if field in values and not _real(values[field]):
+            fail(field, "a finite number")
+    for field in FLAGS:
+        if field in values and type(values[field]) is not bool:
+            fail(field, "true or false")
+    for field in NAMES:
+        if field in values and not isinstance(values[field], str):
+            fail(field, "a string")
+    if "rope_scaling" in values and not isinstance(values["rope_scaling"], dict):
+        fail("rope_scaling", "an object or null")
+    if "rope_parameters" in values and not isinstance(values["rope_parameters"], dict):
+        fail("rope_parameters", "an object or null")
+    if values.get("rms_norm_eps", 1.0) <= 0:
+        fail("rms_norm_eps", "a positive number")
+
+
+def _real(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
 def _read_rope(config: dict) -> tuple[float, Optional[dict]]:
     """DeepSeek's configs say `rope_theta` + `rope_scaling`; transformers 5 writes `rope_parameters`."""
     params = config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: rope_parameters={params!r} is not valid: expected an object")
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    if not _real(theta) or theta <= 0 or theta == 1:
+        raise ConfigError(f"config.json: rope_theta={theta!r} is not valid: expected a positive number other than 1")
     scaling = config.get("rope_scaling") or (params if params else None)
     if scaling is None:
         return float(theta), None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: rope_scaling={scaling!r} is not valid: expected an object or null")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return float(theta), None
@@ -156,4 +208,10 @@ def _read_rope(config: dict) -> tuple[float, Optional[dict]]:
         if key not in scaling:
             raise ConfigError(f"config.json: rope_scaling (yarn) is missing {key!r}")
     keep = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    for key in keep:
+        value = scaling.get(key)
+        positive = key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+        if value is not None and not (_real(value) and (value > 0 if positive else True)):
+            raise ConfigError(f"config.json: rope_scaling {key}={value!r} is not valid: expected a "
+                              f"{'positive' if positive else 'finite'} number")
     return float(theta), {k: scaling[k] for k in keep if k in scaling}

@@ -58,7 +58,7 @@ class Model(nn.Module):
 
     def draft_logits(self, hidden: mx.array, next_tokens: mx.array, cache: Optional[LatentCache] = None) -> mx.array:
         """The MTP module's logits: at i, from h_i and t_{i+1}, for the token t_{i+2}."""
-        return self.logits(self.mtp(hidden, self.model.embed_tokens(next_tokens), cache))
+        return self.mtp.head(self.mtp(hidden, self.mtp.embed(next_tokens, self.model.embed_tokens), cache), self.logits)
 
     @property
     def layers(self) -> list:

@@ -66,7 +66,7 @@ class CompressorState:
 
 class V4LayerCache:
     def __init__(self, window: int, ratio: int = 0, head_dim: int = 512, index_dim: int = 0):
-        self.window_size = window
+        self.window_size, self.head_dim = window, head_dim
         self.offset = 0
         self.window: Optional[mx.array] = None
         self.compressor = CompressorState(ratio, head_dim) if ratio else None
@@ -124,7 +124,7 @@ class V4LayerCache:
     def load_state(self, meta: str, arrays: list[mx.array]) -> None:
         """Inverse of (meta_state, state); raises ValueError when they do not fit this layer."""
         info = json.loads(meta)
-        if info.get("kind") != "v4" or len(info.get("parts", ())) != len(arrays):
+        if not isinstance(info, dict) or info.get("kind") != "v4" or len(info.get("parts", ())) != len(arrays):
             raise ValueError("not a DeepSeek-V4 layer cache")
         self.offset = int(info["offset"])
         for name, a in zip(info["parts"], arrays):
@@ -132,12 +132,36 @@ class V4LayerCache:
             if owner == "window":
                 self.window = a
                 continue
-            state = getattr(self, owner, None)
+            state = getattr(self, owner, None) if owner in ("compressor", "indexer") else None
             if state is None or part not in self.PARTS:
                 raise ValueError(f"this layer has no {name}")
             setattr(state, part, a)
             if part == "entries":
                 state.count = a.shape[1]
+        if not self.consistent():
+            raise ValueError(f"its arrays do not describe {self.offset} tokens of this layer")
+
+    def consistent(self) -> bool:
+        """Every part holds what `offset` tokens leave (a step interrupted half-way does not)."""
+        held = 0 if self.window is None else self.window.shape[2]
+        if held != min(self.offset, self.window_size - 1) or (self.window is not None and (
+                self.window.ndim != 4 or self.window.shape[-1] != self.head_dim)):
+            return False
+        for s in (self.compressor, self.indexer):
+            if s is None:
+                continue
+            coff = 2 if s.ratio == 4 else 1
+            pending = 0 if s.pending_kv is None else s.pending_kv.shape[1]
+            if s.count != self.offset // s.ratio or pending != self.offset % s.ratio:
+                return False
+            if s.entries is not None and (s.entries.ndim != 3 or s.entries.shape[-1] != s.width):
+                return False
+            for a in (s.pending_kv, s.pending_gate):
+                if a is not None and (a.ndim != 3 or a.shape[-1] != coff * s.width):
+                    return False
+            if s.ratio == 4 and s.count and (s.prev_kv is None or tuple(s.prev_kv.shape[1:]) != (4, s.width)):
+                return False
+        return True
 
     # mlx-lm's cache protocol, as far as it applies
     def is_trimmable(self) -> bool:
