@@ -349,7 +349,8 @@ def install_weights(module: nn.Module, weights: dict, defaults, quant_params, wh
                     checkpoint_path=lambda p: p) -> None:
     """Quantize the modules whose weights come quantized, check every shape, load.
     `checkpoint_path` maps a module path of `module` to the model's (for per-module settings)."""
-    if "mtp" in module:  # the MTP layer's stored embedding / head, where they differ from the main ones
+    if "mtp" in module and hasattr(module.mtp, "own_copies"):  # V3's MTP layer: its stored embedding / head,
+        # where they differ from the main ones (V4's MTP block uses the main ones)
         module.mtp.own_copies("mtp.embed_tokens.weight" in weights, "mtp.lm_head.weight" in weights)
     if defaults is not None:
         _mix_expert_precision(module, quant_params, checkpoint_path)

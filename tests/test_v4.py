@@ -188,3 +188,40 @@ def test_context_beyond_max_position_embeddings_is_a_clear_error():
     model.args.max_position_embeddings = 64
     with pytest.raises(ValueError, match="exceed the model's context"):
         model(mx.array(tokens("v4_small", 65)))
+
+
+def test_a_step_interrupted_half_way_is_settled_exactly():
+    """Ctrl-C in the middle of a forward pass leaves some layers a step ahead: settle() goes back to
+    a snapshot and forward, and the next tokens equal a fresh run."""
+    model = load_model(build_v4("v4_small", "hf"))
+    toks = tokens("v4_small", 120, seed=9)[0].tolist()
+    pc = PromptCache(model)
+    prefill(pc, toks[:100], chunk_size=40)
+    # the next step ran through the first two layers only, then was interrupted
+    h = model.embed(mx.array([toks[100:101]]))
+    h = mx.broadcast_to(h[:, :, None], (1, 1, model.args.hc_mult, h.shape[-1]))
+    for layer, c in zip(model.layers[:2], pc.cache[:2]):
+        h = layer(h, mx.array([toks[100:101]]), c)
+    assert pc.cache[0].offset == 101 and pc.cache[3].offset == 100
+    pc.settle()
+    assert all(c.offset == 100 and c.consistent() for c in pc.cache) and len(pc.tokens) == 100
+    got = np.array(model.logits(pc.hidden(toks[100:])))
+    assert rel(got, np.array(model(mx.array([toks])))[:, 100:]) < 1e-5
+
+
+def test_a_cache_file_of_another_shape_is_refused(tmp_path):
+    from mlx_deepseek.generate import CacheFileError, cache_checksum
+
+    model = load_model(build_v4("v4_small", "hf"))
+    pc = PromptCache(model)
+    pc.hidden(tokens("v4_small", 50, seed=10)[0].tolist())
+    pc.save(tmp_path / "good.safetensors")
+    # one compressed entry fewer than 50 tokens leave, in a file with a valid checksum
+    arrays, meta = mx.load(str(tmp_path / "good.safetensors"), return_metadata=True)
+    arrays["layer.1.1"] = arrays["layer.1.1"][:, :-1]
+    meta["checksum"] = cache_checksum(arrays, meta)
+    mx.save_safetensors(str(tmp_path / "bad.safetensors"), arrays, metadata=meta)
+    fresh = PromptCache(model)
+    with pytest.raises(CacheFileError, match="layer.1 does not fit this model"):
+        fresh.load(tmp_path / "bad.safetensors")
+    assert fresh.tokens == [] and all(c.offset == 0 for c in fresh.cache)
