@@ -1,4 +1,5 @@
-"""A source checkpoint converted in memory, for `load()`: block-FP8 checkpoints as published, and
+"""A source checkpoint converted in memory, for `load()`: block-FP8 checkpoints as published
+(DeepSeek-V4's too: its FP4 experts carried as mxfp4, the FP8 rest dequantized), and
 quantize-on-load (`load(path, quantize=4)`).
 
 It runs the converter's own plan (the same reading, FP8 dequantization, quantization and layout as
@@ -17,9 +18,12 @@ import mlx.core as mx
 
 from mlx_deepseek.models.config import ModelArgs
 
+from mlx_deepseek.models import is_v4
+
 from .cli import DTYPES, _source_dtype
 from .plan import make_plan
-from .recipes import Quant, Recipe
+from .plan_v4 import make_plan_v4
+from .recipes import V4_DEFAULT, Quant, Recipe
 from .sources import open_source
 
 
@@ -27,8 +31,12 @@ def convert_in_memory(folder: Path, config: dict, args: ModelArgs, quant: Option
                       dtype: Optional[mx.Dtype], keep_mtp: bool) -> tuple[dict[str, mx.array], Optional[dict]]:
     """(tensors in the converter's output layout, its `quantization` block or None)."""
     source = open_source(folder, config)
-    recipe = Recipe(quant.validate("quantize") if quant else None)
-    plan = make_plan(source, args, recipe, dtype or DTYPES[_source_dtype(config)], drop_mtp=not keep_mtp)
+    quant = quant.validate("quantize") if quant else None
+    dtype = dtype or DTYPES[_source_dtype(config)]
+    if is_v4(args):  # FP4 experts carried as mxfp4 (lossless); the rest float, or `quant`
+        plan = make_plan_v4(source, args, Recipe(quant, V4_DEFAULT), dtype, drop_mtp=not keep_mtp)
+    else:
+        plan = make_plan(source, args, Recipe(quant), dtype, drop_mtp=not keep_mtp)
     weights: dict[str, mx.array] = {}
     for job in plan.jobs:
         produced = job.produce()

@@ -321,11 +321,7 @@ def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] =
         args = args_from_config(config)
     except ConfigError as e:
         raise ConfigError(f"{folder}: {e}") from None
-    on_load = quantize is not None or is_block_fp8(config) or only_torch_bin(folder)
-    if on_load and is_v4(args):
-        raise CheckpointError(f"{folder}: DeepSeek-V4 as published (FP8/FP4), a .bin, or quantize-on-load: "
-                              f"convert the checkpoint first: python -m convert --hf-path {folder} ...")
-    if on_load:
+    if quantize is not None or is_block_fp8(config) or only_torch_bin(folder):
         config, raw = convert_on_load(folder, config, args, quantize, group_size, dtype, mtp)
     else:
         raw = read_weights(folder)

@@ -543,12 +543,19 @@ def test_bad_input_is_named_and_nothing_is_written(edit, message, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_published_folder_is_sent_to_the_converter(tmp_path):
+def test_published_folder_loads_directly_and_equals_its_conversion(tmp_path):
+    """load() of DeepSeek-V4 as published: the in-memory converter (FP4 experts carried, FP8 rest
+    dequantized), value for value the folder that `python -m convert` writes with the same recipe;
+    with quantize=8 as the default conversion."""
     from mlx_deepseek.layout import CheckpointError
 
     pub, _ = published()
-    with pytest.raises(CheckpointError, match="convert the checkpoint first"):
-        load_model(pub)
+    toks = mx.array([list(range(3, 60))])
+    direct = load_model(pub)
+    assert convert(pub, tmp_path / "float", "--recipe", "routed_experts=4:32:mxfp4") == 0
+    assert mx.array_equal(direct(toks), load_model(tmp_path / "float")(toks)).item()
+    assert convert(pub, tmp_path / "default") == 0
+    assert mx.array_equal(load_model(pub, quantize=8)(toks), load_model(tmp_path / "default")(toks)).item()
     shutil.copytree(pub, tmp_path / "src")
     edit_config(quantization_config=None)(tmp_path / "src")
     with pytest.raises(CheckpointError, match="FP8/FP4 weights; convert the checkpoint first"):
