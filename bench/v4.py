@@ -37,15 +37,20 @@ from mlx_deepseek.models.deepseek_v4.cache import v4_values_per_token
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLASH = SHARED / "configs" / "DeepSeek-V4-Flash.json"
 
+TOY = dict(hidden_size=256, num_attention_heads=4, head_dim=128, q_lora_rank=128, o_lora_rank=64, o_groups=2,
+           moe_intermediate_size=128, index_n_heads=8, index_head_dim=64, index_topk=16)
+
 PROFILES = {
+    # the whole script at toy dimensions (the tests run it): not a measurement
+    "toy": {"contexts": [0, 256], "prefill": [16], "steps": 2, "reps": 1, "shape": TOY},
     "quick": {"contexts": [0, 512], "prefill": [16], "steps": 2, "reps": 1},
     "cpu": {"contexts": [0, 4096, 32768], "prefill": [32, 128], "steps": 4, "reps": 2},
     "full": {"contexts": [0, 4096, 32768, 131072], "prefill": [128, 512, 2048], "steps": 16, "reps": 3},
 }
 
 
-def flash_args(layers=(0, 4, 128), experts: int = 16, vocab: int = 8192) -> V4Args:
-    config = json.loads(FLASH.read_text())
+def flash_args(layers=(0, 4, 128), experts: int = 16, vocab: int = 8192, shape: dict | None = None) -> V4Args:
+    config = {**json.loads(FLASH.read_text()), **(shape or {})}
     config.update(num_hidden_layers=len(layers), compress_ratios=list(layers) + [0], n_routed_experts=experts,
                   vocab_size=vocab, num_hash_layers=0)
     return V4Args.from_dict(config)
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
     prof = PROFILES[a.profile]
     mx.random.seed(0)
     config = json.loads(FLASH.read_text())
-    model = build_model(flash_args())
+    model = build_model(flash_args(shape=prof.get("shape")))
     result = {"machine": machine(), "profile": a.profile, "decode": {}, "prefill": {}}
     for T in prof["contexts"]:
         result["decode"][T] = decode_tps(model, T, prof["steps"], prof["reps"])

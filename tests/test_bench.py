@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, fp8_load, latent_cache, mixed_experts, mtp, plots, quantization, runtime
+from bench import convert_memory, fp8_load, latent_cache, mixed_experts, mtp, plots, quantization, runtime, v4
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +58,12 @@ def test_fp8_load_benchmark_runs(results):
     rows = json.loads((results / "fp8_load.json").read_text())
     assert [r["case"] for r in rows] == ["load(fp8), bfloat16", "load(fp8, quantize=4)"]
     assert all(r["peak_rss_gb"] > 0 for r in rows)
+
+
+def test_v4_benchmark_runs(results):
+    assert v4.main(["--profile", "toy"]) == 0
+    result = json.loads((results / "v4-toy.json").read_text())
+    assert set(result["decode"]) == {"0", "256"} and result["pieces_ms"]
+    flash = {r["context"]: r for r in result["roofline"]}
+    assert 13.0 < flash[0]["active_params_b"] < 13.6  # Flash: 13B active per token
+    assert result["cache"][-1]["values_per_token"] == 3440
