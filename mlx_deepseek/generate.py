@@ -47,7 +47,8 @@ class PromptCache:
 
     A model loaded with its MTP module also gets `draft_cache`, the MTP layer's own latent cache:
     its entry i belongs to the pair (h_i, t_{i+1}), so it holds at most one entry fewer than
-    the main cache.
+    the main cache. Caches that cannot be trimmed (DeepSeek-V4's) rewind through `snapshots`,
+    taken by `checkpoint()` after prompt chunks and decode steps.
     """
 
     def __init__(self, model, kv_bits: Optional[int] = None, kv_group_size: int = 64):
@@ -102,38 +103,41 @@ class PromptCache:
         """Restore the latest snapshot at or before `position` (one taken between prompt chunks when
         there is an MTP draft cache, whose pairs must match), then run the held tokens up to it."""
         kept = self.tokens[:position]
-        at, snap = self.snapshots.before(position, settled=self.draft_cache is not None)
-        pending = None
-        if snap is None:
-            self.cache = self.model.make_cache()
-            if self.draft_cache is not None:
-                self.draft_cache = self.model.make_draft_cache()
-        else:
-            main, draft, pending = snap
-            for c, s in zip(self.cache, main):
-                c.restore(s)
-            if draft is not None:
-                self.draft_cache.restore(draft)
-        self.tokens = kept[:at]
+        at, pending = self._restore(position, with_draft=self.draft_cache is not None)
         if position > at:
             prefill(self, kept[at:position], chunk_size, pending)
         self.reprefilled = position - at
 
     def rewind_main(self, tokens: int) -> None:
         """Drop the last `tokens` tokens from the main cache only (a rejected MTP draft)."""
+        position = len(self.tokens) - tokens
         if self.snapshots is None:
             for c in self.cache:
                 c.trim(tokens)
-            del self.tokens[len(self.tokens) - tokens:]
+            del self.tokens[position:]
             return
-        position = len(self.tokens) - tokens
         kept = self.tokens[:position]
-        at, snap = self.snapshots.before(position)
-        for c, s in zip(self.cache, snap[0]):
-            c.restore(s)
-        self.tokens = kept[:at]
+        at, _ = self._restore(position, with_draft=False)
         if position > at:
             self.hidden(kept[at:position])
+
+    def _restore(self, position: int, with_draft: bool) -> tuple[int, Optional[mx.array]]:
+        """Bring back the latest (with the draft cache: settled) snapshot at or before `position`;
+        (its offset, its last hidden state or None). `tokens` is cut to that offset."""
+        at, snap = self.snapshots.before(position, settled=with_draft)
+        pending = None
+        if snap is None:
+            self.cache = self.model.make_cache()
+            if with_draft:
+                self.draft_cache = self.model.make_draft_cache()
+        else:
+            main, draft, pending = snap
+            for c, s in zip(self.cache, main):
+                c.restore(s)
+            if with_draft and draft is not None:
+                self.draft_cache.restore(draft)
+        del self.tokens[at:]
+        return at, pending
 
     def checkpoint(self, pending: Optional[mx.array], settled: bool = False) -> None:
         """Record a snapshot (untrimmable caches only). `settled`: between prompt chunks, where the
