@@ -63,23 +63,7 @@ def to_model_layout(
         else:
             out[name] = value
     for name, by_index in experts.items():
-        missing = [e for e in range(args.n_routed_experts or 0) if e not in by_index]
-        if missing or len(by_index) != args.n_routed_experts:
-            stem = name.replace("switch_mlp", "experts.{E}")
-            raise CheckpointError(
-                f"tensor {stem}: expected experts 0..{(args.n_routed_experts or 0) - 1}, "
-                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                + (f", found {len(by_index)}" if not missing else "")
-            )
-        shapes = {tuple(v.shape) for v in by_index.values()}
-        if len(shapes) > 1:
-            first = tuple(by_index[0].shape)
-            odd = next(e for e in range(args.n_routed_experts) if tuple(by_index[e].shape) != first)
-            raise CheckpointError(
-                f"tensor {name.replace('switch_mlp', f'experts.{odd}')} has shape {tuple(by_index[odd].shape)}, "
-                f"expected {first} like expert 0"
-            )
-        out[name] = mx.stack([by_index[e] for e in range(args.n_routed_experts)])
+        out[name] = stack_experts(name, by_index, args.n_routed_experts or 0)
 
     for i in range(args.num_hidden_layers + (1 if keep_mtp else 0)):
         attn = f"model.layers.{i}.self_attn"
@@ -94,6 +78,27 @@ def to_model_layout(
         for name in [n for n in out if n.startswith(mtp_prefix)]:
             out[mtp_module_name(name[len(mtp_prefix):])] = out.pop(name)
     return out
+
+
+def stack_experts(name: str, by_index: dict[int, mx.array], count: int) -> mx.array:
+    """One tensor per expert (`name` with `switch_mlp` where the checkpoint says `experts.E`) -> the
+    stack (count, ...), after checking that experts 0..count-1 are all there, alike in shape."""
+    missing = [e for e in range(count) if e not in by_index]
+    if missing or len(by_index) != count:
+        stem = name.replace("switch_mlp", "experts.{E}")
+        raise CheckpointError(
+            f"tensor {stem}: expected experts 0..{count - 1}, "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+            + (f", found {len(by_index)}" if not missing else "")
+        )
+    first = tuple(by_index[0].shape)
+    odd = next((e for e in range(count) if tuple(by_index[e].shape) != first), None)
+    if odd is not None:
+        raise CheckpointError(
+            f"tensor {name.replace('switch_mlp', f'experts.{odd}')} has shape {tuple(by_index[odd].shape)}, "
+            f"expected {first} like expert 0"
+        )
+    return mx.stack([by_index[e] for e in range(count)])
 
 
 MTP_NAMES = {"enorm.": "mtp.enorm.", "hnorm.": "mtp.hnorm.", "eh_proj.": "mtp.eh_proj.",

@@ -31,7 +31,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .layout import CheckpointError
+from .layout import CheckpointError, stack_experts
 from .models.deepseek_v4.config import V4Args
 
 NATIVE_EXPERT = re.compile(r"^((?:layers\.\d+|mtp\.\d+)\.ffn)\.experts\.(\d+)\.(w1|w2|w3)\.(weight|scales|biases)$")
@@ -109,17 +109,7 @@ def to_v4_layout(weights: dict[str, mx.array], args: V4Args, keep_mtp: bool = Fa
             continue
         out[_module_name(name)] = value
     for name, by_index in experts.items():
-        missing = [e for e in range(args.n_routed_experts) if e not in by_index]
-        if missing:
-            stem = name.replace("switch_mlp", "experts.{E}")
-            raise CheckpointError(f"tensor {stem}: expected experts 0..{args.n_routed_experts - 1}, missing "
-                                  f"{missing[:8]}{'...' if len(missing) > 8 else ''}")
-        first = tuple(by_index[0].shape)
-        odd = [e for e in range(args.n_routed_experts) if tuple(by_index[e].shape) != first]
-        if odd:
-            raise CheckpointError(f"tensor {name.replace('switch_mlp', f'experts.{odd[0]}')} has shape "
-                                  f"{tuple(by_index[odd[0]].shape)}, expected {first} like expert 0")
-        out[_module_name(name)] = mx.stack([by_index[e] for e in range(args.n_routed_experts)])
+        out[_module_name(name)] = stack_experts(name, by_index, args.n_routed_experts)
     for name in [n for n in out if n.endswith(".attn.wo_a.weight") or ".attn.wo_a." in n]:
         w = out[name]
         if w.ndim == 2:

@@ -211,6 +211,14 @@ class MixedPrecisionExperts(nn.Module):
         return out
 
 
+def mix_experts(moe: nn.Module, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+    """The routed experts' outputs weighted and summed, plus the shared experts' (if the MoE has them)."""
+    y = (moe.switch_mlp(x, indices) * weights[..., None]).sum(axis=-2).astype(x.dtype)
+    if "shared_experts" in moe:
+        y = y + moe.shared_experts(x)
+    return y
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -221,8 +229,4 @@ class MoE(nn.Module):
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
 
     def __call__(self, x: mx.array) -> mx.array:
-        indices, weights = self.gate(x)
-        y = (self.switch_mlp(x, indices) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return y
+        return mix_experts(self, x, *self.gate(x))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..moe import MLP, RoutedExperts
+from ..moe import MLP, RoutedExperts, mix_experts
 from .config import V4Args
 
 
@@ -57,8 +57,4 @@ class MoE(nn.Module):
             self.shared_experts = MLP(D, hidden, limit)
 
     def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
-        indices, weights = self.gate(x, tokens)
-        y = (self.switch_mlp(x, indices) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return y
+        return mix_experts(self, x, *self.gate(x, tokens))
