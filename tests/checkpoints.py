@@ -6,6 +6,7 @@ Each variant mirrors a real config's code paths at toy size. Built once and cach
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -73,7 +74,7 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
     import torch
     import transformers
 
-    s = dict(s)
+    s = copy.deepcopy(s)  # transformers edits rope_scaling in place: keep the key (BASE, YARN) as it was
     keep_rope_parameters = s.pop("keep_rope_parameters", False)
     family = s["model_type"]
     cls_cfg = transformers.DeepseekV2Config if family == "deepseek_v2" else transformers.DeepseekV3Config
@@ -220,7 +221,7 @@ def _write_v4(s: dict, layout: str, folder: Path) -> None:
     import torch
     import transformers
 
-    s = dict(s)
+    s = copy.deepcopy(s)  # transformers edits rope_scaling in place: keep the key (BASE, YARN) as it was
     tokenizer = s.pop("tokenizer", None)
     torch.manual_seed(0)
     model = transformers.DeepseekV4ForCausalLM(hf_v4_config(s)).eval()

@@ -126,6 +126,22 @@ def test_second_turn_reuses_the_cache_and_tool_results_render(client, local):
     assert shared > 200 and r2.usage.prompt_tokens_details.cached_tokens == shared
 
 
+def test_a_returning_conversation_finds_its_whole_history_cached(client, local):
+    """R1's template drops a plain reply's reasoning from the history, so what was generated is not
+    what comes back; the warm-up prefilled the history as the template renders it."""
+    from mlx_deepseek.server.app import normalize_message
+
+    first = [{"role": "user", "content": "Tell me a story about caches. " * 5}]
+    r = client.chat.completions.create(model="default", messages=first, max_tokens=6, temperature=0)
+    back = first + [r.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "Go on."}]
+    assert back[1]["reasoning_content"]  # R1 opened a <think>: the reply was reasoning, now dropped
+    r2 = client.chat.completions.create(model="default", messages=back, max_tokens=2, temperature=0)
+    expected = rendered(local, [normalize_message(m, i) for i, m in enumerate(back)])
+    end_of_reply = max(i for i, t in enumerate(expected) if t == local[1].eos_token_id) + 1
+    assert r2.usage.prompt_tokens == len(expected)
+    assert r2.usage.prompt_tokens_details.cached_tokens == end_of_reply
+
+
 def test_logprobs(client):
     r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], max_tokens=3,
                                        temperature=0, logprobs=True, top_logprobs=3)
@@ -235,9 +251,10 @@ def test_cache_dir_keeps_warm_8bit_caches_across_a_restart_and_cors(folder, tmp_
         other = httpx.options(u + "/v1/chat/completions", headers={
             "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in other.headers
-    assert len(list((tmp_path / "caches").glob("*.safetensors"))) == 1
+    # the request's cache (prompt and reply) and its warm-up (the history as the template re-renders it)
+    assert len(list((tmp_path / "caches").glob("*.safetensors"))) == 2
     with running_server(folder, *flags) as u:
-        assert httpx.get(u + "/health").json()["cache"]["entries"] == 1
+        assert httpx.get(u + "/health").json()["cache"]["entries"] == 2
         again = httpx.post(u + "/v1/chat/completions", json=body).json()
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["prompt_tokens"] - 1
         assert again["choices"][0]["message"] == first["choices"][0]["message"]
@@ -325,9 +342,9 @@ def test_a_tool_call_the_model_generates_comes_back_as_tool_calls():
         follow = messages + [choice.message.model_dump(exclude_none=True),
                              {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
         r2 = c.chat.completions.create(model="default", messages=follow, tools=tools, temperature=0, max_tokens=3)
-        # R1's template keeps a tool-calling turn's content as sent (reasoning included): the history
-        # matches the cache up to the "\n" after <think> that the generation prompt added
-        assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+        # R1's template re-renders the call (and drops the "\n" after <think> the generation prompt
+        # added), but the warm-up cached the history as it comes back: the call is not prefilled again
+        assert r.usage.prompt_tokens < r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens
 
 
 def test_a_seed_gives_the_same_sampled_reply_alone_or_among_others(client):

@@ -147,7 +147,7 @@ class Server:
         if thinking is not None:
             kwargs["thinking"] = bool(thinking)
         template = getattr(self.tokenizer, "chat_template", None) or ""
-        if tools and "tools" not in template:  # a template that does not describe tools: tell the model
+        if tools and self.model_type != "deepseek_v4" and "tools" not in template:  # tell the model
             messages = [{"role": "system", "content": describe_tools(tools, template, choice)}] + messages
         try:
             tokens, opens_think = render(self.tokenizer, messages, tools, self.model_type, **kwargs)
@@ -157,6 +157,29 @@ class Server:
             tokens += self.tokenizer.encode("\n" + THINK_END + "\n\n", add_special_tokens=False)
             opens_think = False
         return tokens, opens_think, bool(tools)
+
+    def warm(self, body: dict, message: dict) -> None:
+        """Queue a warm-up of the conversation as it comes back next turn: its messages and this
+        reply, rendered by the template up to the end of the reply. Templates re-render a reply
+        differently from what was generated (R1 drops the reasoning of a plain reply; tool
+        arguments come back re-serialized), so the generated tokens alone would be cached only up
+        to the first difference; with the warm-up the returning conversation finds all of its
+        history cached and prefills only its new message. Submitted before the reply is sent, so
+        the next request is admitted after it."""
+        if not getattr(self.settings, "warm_history", True):
+            return
+        history = list(field(body, "messages")) + [message]
+        try:
+            a = self.chat_prompt({**body, "messages": history + [{"role": "user", "content": "A"}]})[0]
+            b = self.chat_prompt({**body, "messages": history + [{"role": "user", "content": "B"}]})[0]
+        except APIError:
+            return
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        eos = self.tokenizer.eos_token_id
+        ends = [i for i in range(n) if a[i] == eos]  # the reply's end-of-turn: whatever follows it
+        n = ends[-1] + 1 if ends else n
+        if 1 < n < self.context:
+            self.scheduler.submit(Request(prompt=list(a[:n]), max_tokens=0, emit=lambda event: None, warm=True))
 
 
 def normalize_message(m: Any, i: int) -> dict:
@@ -264,6 +287,28 @@ def chat_events(parser: ReplyParser, piece_text: str, final: bool = False) -> li
     return deltas
 
 
+class Collected:
+    """What a chat reply said, gathered from its deltas: the assistant message a client sends back."""
+
+    def __init__(self):
+        self.reasoning = self.content = ""
+
+    def add(self, deltas: list[dict]) -> list[dict]:
+        for d in deltas:
+            self.content += d.get("content", "")
+            self.reasoning += d.get("reasoning_content", "")
+        return deltas
+
+    def message(self, calls) -> dict:
+        message = {"role": "assistant", "content": self.content if self.content or not calls else None}
+        if self.reasoning:
+            message["reasoning_content"] = message["reasoning"] = self.reasoning
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        return message
+
+
 def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -320,10 +365,10 @@ def build_app(server: Server) -> Starlette:
         server.scheduler.submit(req)
         head = {"id": rid, "created": created, "model": server.model_id, "system_fingerprint": "mlx-deepseek"}
         if stream:
-            return StreamingResponse(stream_reply(req, events, parser, head, include_usage, kind),
+            return StreamingResponse(stream_reply(req, events, parser, head, include_usage, kind, body),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole_reply(request, req, events, parser, head, kind)
+        return await whole_reply(request, req, events, parser, head, kind, body)
 
     async def next_event(events: Events):
         """The next event, or None after `keepalive_s` without one (then a keep-alive comment goes out)."""
@@ -332,8 +377,9 @@ def build_app(server: Server) -> Starlette:
         except asyncio.TimeoutError:
             return None
 
-    async def stream_reply(req: Request, events: Events, parser, head: dict, include_usage: bool, kind: str):
+    async def stream_reply(req: Request, events: Events, parser, head: dict, include_usage: bool, kind: str, body: dict):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        said = Collected()
 
         def chunk(delta=None, finish=None, logprobs=None, text=None):
             if kind == "chat":
@@ -357,7 +403,7 @@ def build_app(server: Server) -> Starlette:
                     piece: Piece = event[1]
                     lp = token_logprobs(server.tokenizer, piece)
                     if kind == "chat":
-                        deltas = chat_events(parser, piece.text)
+                        deltas = said.add(chat_events(parser, piece.text))
                         if lp is not None:
                             deltas = deltas or [{}]
                         for i, d in enumerate(deltas):
@@ -367,8 +413,11 @@ def build_app(server: Server) -> Starlette:
                     continue
                 finish: Finish = event[1]
                 if kind == "chat":
-                    for d in chat_events(parser, "", final=True):
+                    for d in said.add(chat_events(parser, "", final=True)):
                         yield chunk(d)
+                    if finish.reason != "cancelled":
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, server.warm, body, said.message(parser.calls))
                 reason = finish_reason(finish, parser)
                 yield chunk(finish=reason)
                 if include_usage:
@@ -378,7 +427,8 @@ def build_app(server: Server) -> Starlette:
         finally:
             req.cancel()  # the client went away (or the reply ended): free its slot
 
-    async def whole_reply(request: HTTPRequest, req: Request, events: Events, parser, head: dict, kind: str):
+    async def whole_reply(request: HTTPRequest, req: Request, events: Events, parser, head: dict, kind: str,
+                          body: dict):
         pieces: list[Piece] = []
         try:
             while True:
@@ -400,18 +450,11 @@ def build_app(server: Server) -> Starlette:
         text = "".join(p.text for p in pieces)
         want_lp = req.logprobs is not None
         if kind == "chat":
-            parsed = {"reasoning": "", "content": ""}
-            for d in chat_events(parser, text, final=True):
-                if "content" in d:
-                    parsed["content"] += d["content"]
-                elif "reasoning" in d:
-                    parsed["reasoning"] += d["reasoning"]
-            message = {"role": "assistant", "content": parsed["content"] if parsed["content"] or not parser.calls else None}
-            if parsed["reasoning"]:
-                message["reasoning_content"] = message["reasoning"] = parsed["reasoning"]
-            if parser.calls:
-                message["tool_calls"] = [{"id": c.id, "type": "function",
-                                          "function": {"name": c.name, "arguments": c.arguments}} for c in parser.calls]
+            said = Collected()
+            said.add(chat_events(parser, text, final=True))
+            message = said.message(parser.calls)
+            if finish.reason != "cancelled":
+                await asyncio.get_running_loop().run_in_executor(None, server.warm, body, message)
             lp = {"content": [token_logprobs(server.tokenizer, p) for p in pieces]} if want_lp else None
             choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(finish, parser)}
             obj = "chat.completion"

@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP layer (V3, R1, V3.1); one request at a time")
+    p.add_argument("--no-warm-history", dest="warm_history", action="store_false",
+                   help="do not prefill a finished reply's conversation as the template re-renders it (by default "
+                        "it is, so the next turn prefills only its new message)")
     p.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive comment interval while waiting")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
@@ -50,9 +53,6 @@ def load_into(server, args) -> None:
 
         folder = resolve_model_path(args.model)
         model, tokenizer = load(folder, mtp=args.mtp)
-        if model.model_type == "deepseek_v4":
-            raise ValueError("serving deepseek_v4 is not supported yet (batched decoding runs on the MLA "
-                             "latent cache); use chat.py for DeepSeek-V4")
         server.model_type = model.model_type
         defaults = sampling_defaults(folder)
         server.sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],

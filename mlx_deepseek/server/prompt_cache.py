@@ -86,6 +86,12 @@ class PromptStore:
             self.hits += 1
             return [copy_prefix(c, length) for c in self.entries[best].caches], length
 
+    def holds(self, tokens: Sequence[int]) -> bool:
+        """Whether an entry holds all of `tokens` (as its prefix)."""
+        prompt = np.asarray(tokens, dtype=np.int64)
+        with self._lock:
+            return any(common_prefix(e.tokens, prompt) == len(prompt) for e in self.entries.values())
+
     def put(self, tokens: Sequence[int], caches: list[LatentCache]) -> None:
         """Keep a finished request's cache (`tokens` are what it holds)."""
         if not tokens:

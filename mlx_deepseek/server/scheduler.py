@@ -40,6 +40,9 @@ class Request:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     logprobs: Optional[int] = None  # None: none; k: the token's and the k most likely
+    # A warm-up: prefill `prompt` (a finished reply's conversation as the template will render it
+    # when the client sends it back) into the prompt cache, and generate nothing.
+    warm: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -114,10 +117,13 @@ class Scheduler:
                  prefill_step_size: int = 512, kv_bits: Optional[int] = None, kv_group_size: int = 64,
                  mtp: bool = False):
         self.model, self.tokenizer, self.store = model, tokenizer, store
-        # MTP drafts for one sequence at a time (speculative steps are not batched): requests take
-        # turns on one PromptCache, which keeps the main and the draft caches and reuses its prefix.
-        self.mtp = PromptCache(model, kv_bits, kv_group_size) if mtp else None
-        self.max_concurrency = 1 if mtp else max_concurrency
+        # One sequence at a time where steps cannot be batched: MTP's speculative steps, and
+        # DeepSeek-V4 (its cache is windows and compressed entries, not a latent history that rows
+        # can be padded in). Requests then take turns on one PromptCache, which reuses the previous
+        # request's prefix (V4: from its snapshots) and keeps the draft cache.
+        self.mtp = mtp
+        self.single = PromptCache(model, kv_bits, kv_group_size) if mtp or not batchable(model) else None
+        self.max_concurrency = 1 if self.single is not None else max_concurrency
         self.prefill_step_size = prefill_step_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.queue: "queue.Queue[Request]" = queue.Queue()
@@ -157,8 +163,8 @@ class Scheduler:
                 self.prefilling, self.running, self.batch = [], [], None
 
     def _turn(self) -> None:
-        if self.mtp is not None:
-            return self._turn_mtp()
+        if self.single is not None:
+            return self._turn_single()
         self._admit(block=not (self.prefilling or self.running))
         for s in [s for s in self.prefilling if s.req.cancelled.is_set()]:
             self.prefilling.remove(s)
@@ -177,17 +183,29 @@ class Scheduler:
             block = False
             if req.cancelled.is_set():
                 continue
+            if req.warm and self.store.holds(req.prompt):
+                continue  # already cached as it will come back
             caches, reused = self.store.take(req.prompt)
             if caches is None:
                 caches = self.model.make_cache(self.kv_bits, self.kv_group_size)
-            self.prefilling.append(Sequence(req, caches, reused, self.tokenizer))
+            s = Sequence(req, caches, reused, self.tokenizer)
+            if req.warm:  # at once, so that every request submitted after it finds it stored
+                while s.pending:
+                    self._prefill_chunk(s, listed=False)
+                continue
+            self.prefilling.append(s)
 
-    def _prefill_chunk(self, s: Sequence) -> None:
+    def _prefill_chunk(self, s: Sequence, listed: bool = True) -> None:
         chunk, s.pending = s.pending[: self.prefill_step_size], s.pending[self.prefill_step_size:]
         h = self.model.hidden(mx.array([chunk]), cache=s.caches)
         s.held += chunk
         if s.pending:
             mx.eval([c.state for c in s.caches])
+            return
+        if s.req.warm:
+            if listed:
+                self.prefilling.remove(s)
+            self._finish_alone(s, "warm")
             return
         logits = self.model.logits(h[:, -1, :])
         self.prefilling.remove(s)
@@ -234,20 +252,41 @@ class Scheduler:
             else:
                 self.batch = None
 
-    def _turn_mtp(self) -> None:
-        """Serve one request to its end with speculative decoding (the next waits in the queue)."""
+    def _turn_single(self) -> None:
+        """Serve one request to its end on `self.single` (the next waits in the queue)."""
         try:
             req = self.queue.get(timeout=0.05)
         except queue.Empty:
             return
         if req.cancelled.is_set():
             return
-        if req.seed is not None:
-            mx.random.seed(req.seed)
-        pc = self.mtp
+        pc = self.single
+        if req.warm and pc.tokens[: len(req.prompt)] == req.prompt:
+            return  # already cached as it will come back
         reused = pc.reuse(req.prompt)
         s = Sequence(req, None, reused, self.tokenizer)
         logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
+        if req.warm:
+            return
+        reason = self._serve_mtp(s, pc, logits, pending) if self.mtp else self._serve_plain(s, pc, logits)
+        s.held = list(pc.tokens)
+        self._finish(s, reason, None)
+
+    def _serve_plain(self, s: Sequence, pc: PromptCache, logits: mx.array) -> str:
+        while True:
+            token = self._sample(s, logits)
+            s.first_token_at = s.first_token_at or time.perf_counter()
+            reason = "cancelled" if s.req.cancelled.is_set() else self._emit(s, token)
+            if reason:
+                return reason
+            logits = pc([token])
+            pc.checkpoint(None)
+            self.steps += 1
+
+    def _serve_mtp(self, s: Sequence, pc: PromptCache, logits: mx.array, pending: mx.array) -> Optional[str]:
+        req = s.req
+        if req.seed is not None:
+            mx.random.seed(req.seed)
         stats = Stats()
         steps = decode_mtp(pc, logits, pending, DraftPolicy(req.temp, req.top_p, req.min_p, req.top_k), stats)
         reason = None
@@ -259,8 +298,7 @@ class Scheduler:
                 break
         steps.close()
         self.steps += stats.main_steps
-        s.held = list(pc.tokens)
-        self._finish(s, reason, None)
+        return reason
 
     def _sample(self, s: Sequence, logits: mx.array) -> int:
         if s.processors:
@@ -313,6 +351,11 @@ class Scheduler:
         now = time.perf_counter()
         first = s.first_token_at or now
         s.req.emit(("done", Finish(reason, len(s.req.prompt), s.reused, len(s.generated), first - s.started, now - first)))
+
+
+def batchable(model) -> bool:
+    """Whether decode steps of several sequences can share one forward (the MLA latent cache)."""
+    return all(c.is_trimmable() for c in model.make_cache())
 
 
 def prompt_cache_factory(model, kv_bits=None, kv_group_size=64):
