@@ -347,6 +347,43 @@ def test_a_tool_call_the_model_generates_comes_back_as_tool_calls():
         assert r.usage.prompt_tokens < r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens
 
 
+def test_tool_choice_required_is_enforced_after_the_reasoning():
+    """The scripted model would say "Sure" before its call; with tool_choice "required" the call
+    opens right after </think> (forced), and the model's own call follows."""
+    from server_helpers import scripted
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    with running_server(scripted()) as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0, max_tokens=60,
+                                      tool_choice="required")
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        assert choice.message.model_dump()["reasoning_content"] == "Let me check."
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        for bad in ({"type": "function", "function": {"name": "get_time"}}, "always", {"type": "function"}):
+            with pytest.raises(openai.BadRequestError, match="tool_choice"):
+                c.chat.completions.create(model="default", messages=messages, tools=tools, tool_choice=bad)
+
+
+def test_a_named_tool_choice_forces_that_calls_opening(client, local):
+    """A random model, thinking off: the reply's first tokens are the call's opening in R1's format,
+    each forced (logprob 0: every other token was masked)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    opening = local[1].encode("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n",
+                              add_special_tokens=False)
+    r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Time?"}], tools=tools,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                       reasoning_effort="none", temperature=0, max_tokens=len(opening) + 2,
+                                       logprobs=True)
+    tokens = r.choices[0].logprobs.content
+    assert "".join(t.token for t in tokens[: len(opening)]) == local[1].decode(opening)
+    assert all(t.logprob == 0.0 for t in tokens[: len(opening)])
+
+
 def test_a_seed_gives_the_same_sampled_reply_alone_or_among_others(client):
     def ask(seed, prompt=(0, 7, 8, 9)):
         return client.completions.create(model="default", prompt=list(prompt), max_tokens=12, temperature=1.0,

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ..chat_template import THINK_END, render
 from .parsers import ReplyParser
+from .tool_choice import ForcedOpening, call_format, call_opening, chosen_name
 from .scheduler import Finish, Piece, Request
 
 PAGE = Path(__file__).with_name("page") / "index.html"
@@ -127,8 +128,9 @@ class Server:
             logprobs=top if logprobs else None)
 
     # -- chat prompts --------------------------------------------------------------------------
-    def chat_prompt(self, body: dict) -> tuple[list[int], bool, bool]:
-        """Token ids of the conversation; whether the reply starts in a <think>; whether tools are on."""
+    def chat_prompt(self, body: dict) -> tuple[list[int], bool, bool, Optional[str]]:
+        """Token ids of the conversation; whether the reply starts in a <think>; whether tools are on;
+        the text a call must open with (tool_choice "required" or a named function), else None."""
         messages = field(body, "messages")
         if not messages:
             raise APIError(400, "'messages' must be a non-empty array", param="messages")
@@ -139,6 +141,12 @@ class Server:
             raise APIError(400, "each tool must be {\"type\": \"function\", \"function\": {...}}", param="tools")
         if choice == "none":
             tools = None
+        if choice not in ("none", "auto", "required") and not isinstance(choice, dict):
+            raise APIError(400, "tool_choice must be \"none\", \"auto\", \"required\" or a function", param="tool_choice")
+        try:
+            name = chosen_name(choice, tools or [])
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
         kwargs = dict(field(body, "chat_template_kwargs", {}))
         effort = field(body, "reasoning_effort")
         thinking = kwargs.get("thinking", kwargs.get("enable_thinking"))
@@ -147,6 +155,12 @@ class Server:
         if thinking is not None:
             kwargs["thinking"] = bool(thinking)
         template = getattr(self.tokenizer, "chat_template", None) or ""
+        opening = None
+        if tools and (choice == "required" or name):
+            if self.settings.mtp:
+                raise APIError(400, "with --mtp, tool_choice \"required\" or a named function is not enforced "
+                                    "(speculative steps take no logits processors): use \"auto\"", param="tool_choice")
+            opening = call_opening(call_format(self.model_type, template), name)
         if tools and self.model_type != "deepseek_v4" and "tools" not in template:  # tell the model
             messages = [{"role": "system", "content": describe_tools(tools, template, choice)}] + messages
         try:
@@ -156,7 +170,7 @@ class Server:
         if thinking is False and opens_think:  # a template that always thinks (R1): close it at once
             tokens += self.tokenizer.encode("\n" + THINK_END + "\n\n", add_special_tokens=False)
             opens_think = False
-        return tokens, opens_think, bool(tools)
+        return tokens, opens_think, bool(tools), opening
 
     def warm(self, body: dict, message: dict) -> None:
         """Queue a warm-up of the conversation as it comes back next turn: its messages and this
@@ -219,7 +233,7 @@ def describe_tools(tools: list, template: str, choice) -> str:
         f = t["function"]
         lines += [f"\n### {f.get('name')}", f"Description: {f.get('description', '')}",
                   f"\nParameters: {json.dumps(f.get('parameters', {}), ensure_ascii=False)}"]
-    if "tool['function']['name'] + '<｜tool▁sep｜>'" in template:  # V3.1
+    if call_format(None, template) == "v3.1":
         call = "<｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜>"
     else:  # V3 / R1
         call = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>tool_call_name\n```json\ntool_call_arguments\n```<｜tool▁call▁end｜>"
@@ -346,7 +360,7 @@ def build_app(server: Server) -> Starlette:
         loop = asyncio.get_running_loop()
         events = Events(loop)
         if kind == "chat":
-            prompt, thinking, tools = await loop.run_in_executor(None, server.chat_prompt, body)
+            prompt, thinking, tools, opening = await loop.run_in_executor(None, server.chat_prompt, body)
             parser = ReplyParser(thinking, tools)
         else:
             prompt = field(body, "prompt")
@@ -360,6 +374,11 @@ def build_app(server: Server) -> Starlette:
                 raise APIError(400, "a token id in 'prompt' is outside the vocabulary", param="prompt")
             parser = None
         req = server.request(body, prompt, events.emit)
+        if kind == "chat" and opening:
+            tok = server.tokenizer
+            think_end = tok.encode(THINK_END, add_special_tokens=False) if thinking else None
+            req.logits_processors.append(ForcedOpening(tok.encode(opening, add_special_tokens=False), len(prompt),
+                                                       think_end, set(tok.eos_token_ids)))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         server.scheduler.submit(req)

@@ -43,6 +43,7 @@ class Request:
     # A warm-up: prefill `prompt` (a finished reply's conversation as the template will render it
     # when the client sends it back) into the prompt cache, and generate nothing.
     warm: bool = False
+    logits_processors: list = field(default_factory=list)  # besides repetition_penalty's
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -104,7 +105,7 @@ class Sequence:
             self.sampler = seeded_sampler(req)
         else:
             self.sampler = make_sampler(temp=req.temp, top_p=req.top_p, min_p=req.min_p, top_k=req.top_k)
-        self.processors = make_logits_processors(repetition_penalty=req.repetition_penalty)
+        self.processors = make_logits_processors(repetition_penalty=req.repetition_penalty) + req.logits_processors
         self.detokenizer = tokenizer.detokenizer
         self.stop_text = StopText(req.stop)
         self.started = time.perf_counter()
