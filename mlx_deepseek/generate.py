@@ -313,6 +313,16 @@ def prefill(prompt_cache: PromptCache, tokens: Sequence[int], chunk_size: int = 
     """
     for start in range(0, len(tokens), chunk_size):
         chunk = tokens[start : start + chunk_size]
+        if prompt_cache.draft_cache is None and len(chunk) > 1:
+            # Without a draft only the caches are needed from the prompt, and the last token's
+            # logits: evaluating the caches alone skips the last layer's FFN for the other tokens.
+            final = start + chunk_size >= len(tokens)
+            prompt_cache.hidden(chunk[:-1] if final else chunk)
+            mx.eval([c.state for c in prompt_cache.cache])
+            if not final:
+                prompt_cache.checkpoint(None, settled=True)
+                continue
+            chunk = chunk[-1:]
         h = prompt_cache.hidden(chunk)
         if prompt_cache.draft_cache is not None:
             pairs = h if pending is None else mx.concatenate([pending, h], axis=1)

@@ -198,17 +198,22 @@ class Scheduler:
 
     def _prefill_chunk(self, s: Sequence, listed: bool = True) -> None:
         chunk, s.pending = s.pending[: self.prefill_step_size], s.pending[self.prefill_step_size:]
-        h = self.model.hidden(mx.array([chunk]), cache=s.caches)
+        # Only the caches are needed from the prompt, and the last token's logits: evaluating the
+        # caches alone skips the last layer's FFN for the other tokens.
+        final = not s.pending and not s.req.warm
+        body = chunk[:-1] if final else chunk
+        if body:
+            self.model.hidden(mx.array([body]), cache=s.caches)
+            mx.eval([c.state for c in s.caches])
         s.held += chunk
         if s.pending:
-            mx.eval([c.state for c in s.caches])
             return
         if s.req.warm:
             if listed:
                 self.prefilling.remove(s)
             self._finish_alone(s, "warm")
             return
-        logits = self.model.logits(h[:, -1, :])
+        logits = self.model.logits(self.model.hidden(mx.array([chunk[-1:]]), cache=s.caches)[:, -1, :])
         self.prefilling.remove(s)
         token = self._sample(s, logits)
         s.first_token_at = time.perf_counter()
@@ -232,12 +237,13 @@ class Scheduler:
         self.max_batch = max(self.max_batch, len(self.running))
         for s in self.running:
             s.held.append(s.generated[-1])
+        tokens = self._sample_rows(self.running, logits)
         keep, done = [], []
         for row, s in enumerate(self.running):
             if s.req.cancelled.is_set():
                 done.append((row, s, "cancelled"))
                 continue
-            reason = self._emit(s, self._sample(s, logits[row : row + 1]))
+            reason = self._emit(s, tokens[row])
             if reason:
                 done.append((row, s, reason))
             else:
@@ -302,15 +308,25 @@ class Scheduler:
         return reason
 
     def _sample(self, s: Sequence, logits: mx.array) -> int:
-        if s.processors:
-            history = mx.array(s.req.prompt + s.generated)
-            for process in s.processors:
-                logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = int(s.sampler(logprobs).item())
-        s.generated.append(token)
-        s.last_logprobs = logprobs if s.req.logprobs is not None else None
-        return token
+        return self._sample_rows([s], logits)[0]
+
+    def _sample_rows(self, seqs: list[Sequence], logits: mx.array) -> list[int]:
+        """One token per row of `logits` (B, vocab), each by its sequence's own sampler, read back
+        in one synchronization for the whole batch."""
+        picks = []
+        for row, s in enumerate(seqs):
+            x = logits[row : row + 1]
+            if s.processors:
+                history = mx.array(s.req.prompt + s.generated)
+                for process in s.processors:
+                    x = process(history, x)
+            logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
+            picks.append(s.sampler(logprobs).reshape(1))
+            s.last_logprobs = logprobs if s.req.logprobs is not None else None
+        tokens = mx.concatenate(picks).tolist()
+        for s, token in zip(seqs, tokens):
+            s.generated.append(token)
+        return tokens
 
     def _emit(self, s: Sequence, token: int) -> Optional[str]:
         """Send the token's text; the finish reason when the sequence ends here, else None."""
