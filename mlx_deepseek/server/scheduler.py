@@ -131,6 +131,10 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []     # in batch row order
         self.batch: Optional[list[BatchLatentCache]] = None
+        # The next step, already queued: the tokens it draws (lazy, one per running row) from a
+        # forward pass fed with each row's last token, built while the step before it computed.
+        self.ahead: Optional[mx.array] = None
+        self.joining: list[Sequence] = []     # prefilled, waiting for the queued step to be read
         self.eos = set(tokenizer.eos_token_ids)
         self.steps = 0                        # batched decode steps taken
         self.max_batch = 0                    # the most rows decoded in one step
@@ -159,24 +163,24 @@ class Scheduler:
             try:
                 self._turn()
             except Exception as e:  # never die: fail the requests in flight, keep serving
-                for s in self.prefilling + self.running:
+                for s in self.prefilling + self.running + self.joining:
                     s.req.emit(("error", f"generation failed: {e}"))
-                self.prefilling, self.running, self.batch = [], [], None
+                self.prefilling, self.running, self.joining, self.batch, self.ahead = [], [], [], None, None
 
     def _turn(self) -> None:
         if self.single is not None:
             return self._turn_single()
-        self._admit(block=not (self.prefilling or self.running))
+        self._admit(block=not (self.prefilling or self.running or self.joining))
         for s in [s for s in self.prefilling if s.req.cancelled.is_set()]:
             self.prefilling.remove(s)
             self._finish_alone(s, "cancelled")
         if self.prefilling:
             self._prefill_chunk(self.prefilling[0])
-        if self.running:
+        if self.running or self.joining:
             self._decode_step()
 
     def _admit(self, block: bool) -> None:
-        while len(self.prefilling) + len(self.running) < self.max_concurrency:
+        while len(self.prefilling) + len(self.running) + len(self.joining) < self.max_concurrency:
             try:
                 req = self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
             except queue.Empty:
@@ -221,23 +225,49 @@ class Scheduler:
         if reason:
             self._finish_alone(s, reason)
             return
-        rows = [BatchLatentCache.from_caches([c]) for c in s.caches]
-        s.caches = None
-        if self.batch is None:
-            self.batch = rows
-        else:
-            for b, r in zip(self.batch, rows):
-                b.extend(r)
-        self.running.append(s)
+        self.joining.append(s)  # joins the batch when no step is queued ahead
 
-    def _decode_step(self) -> None:
-        last = mx.array([[s.generated[-1]] for s in self.running])
+    def _join(self) -> None:
+        for s in self.joining:
+            rows = [BatchLatentCache.from_caches([c]) for c in s.caches]
+            s.caches = None
+            if self.batch is None:
+                self.batch = rows
+            else:
+                for b, r in zip(self.batch, rows):
+                    b.extend(r)
+            self.running.append(s)
+        self.joining = []
+
+    def _forward(self, last: mx.array) -> mx.array:
+        """Feed each running row its last token ((B, 1), lazy or not); the tokens drawn, lazy (B,)."""
         logits = self.model(last, cache=self.batch)[:, -1, :]
         self.steps += 1
         self.max_batch = max(self.max_batch, len(self.running))
-        for s in self.running:
-            s.held.append(s.generated[-1])
-        tokens = self._sample_rows(self.running, logits)
+        return self._draw(self.running, logits)
+
+    def _decode_step(self) -> None:
+        """Read one step's tokens and emit them. Where no row needs its history at sampling time
+        (repetition penalty, a forced tool call, logprobs) and none waits to join, the next step is
+        queued first, fed with this step's tokens while they are still lazy: the forward pass
+        computes while this thread streams the tokens (as mlx-lm's generation loop does). A row
+        that ends then holds one token more (its last), which its stored cache keeps."""
+        if self.ahead is None:
+            self._join()
+            drawn = self._forward(mx.array([[s.generated[-1]] for s in self.running]))
+            for s in self.running:
+                s.held.append(s.generated[-1])
+        else:
+            drawn, self.ahead = self.ahead, None
+        queued = not self.joining and all(not s.processors and s.req.logprobs is None for s in self.running)
+        if queued:
+            self.ahead = self._forward(drawn[:, None])
+            mx.async_eval(self.ahead)
+        tokens = drawn.tolist()
+        for s, token in zip(self.running, tokens):
+            s.generated.append(token)
+            if queued:
+                s.held.append(token)
         keep, done = [], []
         for row, s in enumerate(self.running):
             if s.req.cancelled.is_set():
@@ -256,8 +286,10 @@ class Scheduler:
             if keep:
                 for b in self.batch:
                     b.keep(keep)
+                if self.ahead is not None:
+                    self.ahead = self.ahead[mx.array(keep)]
             else:
-                self.batch = None
+                self.batch = self.ahead = None
 
     def _turn_single(self) -> None:
         """Serve one request to its end on `self.single` (the next waits in the queue)."""
@@ -308,11 +340,12 @@ class Scheduler:
         return reason
 
     def _sample(self, s: Sequence, logits: mx.array) -> int:
-        return self._sample_rows([s], logits)[0]
+        token = self._draw([s], logits).item()
+        s.generated.append(token)
+        return token
 
-    def _sample_rows(self, seqs: list[Sequence], logits: mx.array) -> list[int]:
-        """One token per row of `logits` (B, vocab), each by its sequence's own sampler, read back
-        in one synchronization for the whole batch."""
+    def _draw(self, seqs: list[Sequence], logits: mx.array) -> mx.array:
+        """One token per row of `logits` (B, vocab), each by its sequence's own sampler: (B,), lazy."""
         picks = []
         for row, s in enumerate(seqs):
             x = logits[row : row + 1]
@@ -323,10 +356,7 @@ class Scheduler:
             logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
             picks.append(s.sampler(logprobs).reshape(1))
             s.last_logprobs = logprobs if s.req.logprobs is not None else None
-        tokens = mx.concatenate(picks).tolist()
-        for s, token in zip(seqs, tokens):
-            s.generated.append(token)
-        return tokens
+        return mx.concatenate(picks)
 
     def _emit(self, s: Sequence, token: int) -> Optional[str]:
         """Send the token's text; the finish reason when the sequence ends here, else None."""
