@@ -20,7 +20,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..chat_template import THINK_END, render
+from ..chat_template import ENCODERS, THINK_END, render
 from .parsers import ReplyParser
 from .tool_choice import ForcedOpening, call_format, call_opening, chosen_name
 from .scheduler import Finish, Piece, Request
@@ -161,7 +161,7 @@ class Server:
                 raise APIError(400, "with --mtp, tool_choice \"required\" or a named function is not enforced "
                                     "(speculative steps take no logits processors): use \"auto\"", param="tool_choice")
             opening = call_opening(call_format(self.model_type, template), name)
-        if tools and self.model_type != "deepseek_v4" and "tools" not in template:  # tell the model
+        if tools and self.model_type not in ENCODERS and "tools" not in template:  # tell the model
             messages = [{"role": "system", "content": describe_tools(tools, template, choice)}] + messages
         try:
             tokens, opens_think = render(self.tokenizer, messages, tools, self.model_type, **kwargs)
