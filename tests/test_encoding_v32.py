@@ -100,7 +100,7 @@ def test_render_dispatches_deepseek_v32_to_this_encoding(thinking, tmp_path):
     assert not getattr(tokenizer, "chat_template", None)
     case = CONVERSATIONS["results after the last user reopen <think>; reasoning after it kept" if thinking
                          else "results after the last user, chat"]
-    system, *messages = case["messages"]
+    system, *messages = copy.deepcopy(case["messages"])
     tools = system.pop("tools")
     tokens, opens_think = render(tokenizer, [system, *messages], tools, "deepseek_v32",
                                  **({} if thinking else {"thinking": False}))
@@ -140,3 +140,28 @@ def test_chat_renders_deepseek_v32_with_this_encoding(no_thinking, tmp_path):
     tokens, thinking = session.prompt_tokens()
     name = "multi-turn chat: reasoning never rendered" if no_thinking else "multi-turn thinking: past reasoning dropped"
     assert tokenizer.decode(tokens) == CONVERSATIONS[name]["prompt"] and thinking is not no_thinking
+
+
+@pytest.mark.parametrize("name", ["results after the last user reopen <think>; reasoning after it kept",
+                                  "results after the last user, chat", "agent loop then a new question: earlier reasoning dropped"])
+def test_the_server_renders_a_request_as_the_reference(name, tmp_path):
+    """An OpenAI request (tools in `tools`, calls with content null, reasoning in `reasoning_content`)
+    through the server's own message handling gives the reference's prompt."""
+    from test_generate import real_tokenizer
+
+    from mlx_deepseek.server.app import Server
+
+    case = CONVERSATIONS[name]
+    system, *messages = copy.deepcopy(case["messages"])
+    tools = system.pop("tools")
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls") and not m["content"]:
+            m["content"] = None  # as OpenAI clients send a call-only turn
+    server = Server(SimpleNamespace(served_model_name="m", model="m", mtp=False))
+    server.tokenizer, server.model_type = real_tokenizer("deepseek-v3.2", tmp_path), "deepseek_v32"
+    body = {"messages": [system, *messages], "tools": tools}
+    if case["options"]["thinking_mode"] == "chat":
+        body["reasoning_effort"] = "none"
+    tokens, opens_think, tools_on, opening = server.chat_prompt(body)
+    assert server.tokenizer.decode(tokens) == case["prompt"]
+    assert opens_think is (case["options"]["thinking_mode"] == "thinking") and tools_on and opening is None
