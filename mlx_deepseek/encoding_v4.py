@@ -23,22 +23,18 @@ Also as in the reference: `developer` (a user turn carrying tools), `latest_remi
 user message (DeepSeek's quick-instruction tokens), `wo_eos` on an assistant message (continue it),
 `reasoning_effort="max"` (a preamble in thinking mode). Not carried over: the reference's `context=`
 (incremental encoding of a suffix); render the whole conversation instead.
+
+The DSML calls (rendered and parsed), the tools section's layout and the reasoning-drop rule are
+shared with DeepSeek-V3.2's format in encoding_dsml.py; `V4` is this format's dialect of it.
 """
 
 from __future__ import annotations
 
-import json
-import re
+from .encoding_dsml import (ASSISTANT, BOS, DSML, EOS, RESPONSE_FORMAT, THINK_END, THINK_START, USER,  # noqa: F401
+                            Dialect, DSMLError, attach_tools, drop_past_reasoning, last_user_index,
+                            split_reasoning, system_text, tool_result_text)
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
 LATEST_REMINDER = "<｜latest_reminder｜>"
-THINK_START, THINK_END = "<think>", "</think>"
-DSML = "｜DSML｜"
-TOOL_CALLS_OPEN = f"\n\n<{DSML}tool_calls"  # after an assistant's content; the block goes on with ">\n"
-TOOL_CALLS_END = f"</{DSML}tool_calls>"
 TASK_TOKENS = {t: f"<｜{t}｜>" for t in ("action", "query", "authority", "domain", "title", "read_url")}
 
 REASONING_EFFORT_MAX = (
@@ -77,15 +73,9 @@ Otherwise, output directly after {THINK_END} with tool calls or final response.
 You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
 """
 
-RESPONSE_FORMAT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
-
-
-class DSMLError(ValueError):
-    """A reply that does not follow the V4 format (thinking block, tool calls, end of sentence)."""
-
-
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
+V4 = Dialect(block="tool_calls", tools_section=TOOLS_SECTION, wrap_non_json=True)
+TOOL_CALLS_OPEN, TOOL_CALLS_END = V4.calls_open, V4.calls_end
+render_tools, render_tool_call, parse_reply = V4.render_tools, V4.render_tool_call, V4.parse_reply
 
 
 # ---------------------------------------------------------------- rendering
@@ -105,17 +95,11 @@ def encode_messages(messages: list[dict], tools: list[dict] | None = None, think
     """
     if reasoning_effort not in (None, "high", "max"):
         raise ValueError(f"reasoning_effort must be None, 'high' or 'max', not {reasoning_effort!r}")
-    messages = list(messages)
-    if tools:
-        if messages and messages[0].get("role") in ("system", "developer"):
-            messages[0] = {**messages[0], "tools": tools}
-        else:
-            messages.insert(0, {"role": "system", "tools": tools})
-    turns = _order_tool_results(_merge_tool_results(messages))
+    turns = _order_tool_results(_merge_tool_results(attach_tools(messages, tools)))
     keep_reasoning = not drop_thinking or any(m.get("tools") for m in turns)
     if thinking and not keep_reasoning:
-        turns = _drop_past_reasoning(turns)
-    last_user = max((i for i, m in enumerate(turns) if m.get("role") in ("user", "developer")), default=-1)
+        turns = drop_past_reasoning(turns, ("user", "system", "latest_reminder", "direct_search_results"))
+    last_user = last_user_index(turns)
 
     prompt = BOS if add_bos else ""
     if thinking and reasoning_effort == "max" and turns:
@@ -144,12 +128,7 @@ def _render(m: dict, previous: dict | None, after_last_user: bool, thinking: boo
     if role in ("system", "developer"):
         if role == "developer" and not m.get("content"):
             raise ValueError("a developer message needs content")
-        text = (USER if role == "developer" else "") + (m.get("content") or "")
-        if m.get("tools"):
-            text += "\n\n" + render_tools(m["tools"])
-        if m.get("response_format"):
-            text += "\n\n" + RESPONSE_FORMAT + _json(m["response_format"])
-        return text
+        return (USER if role == "developer" else "") + system_text(m, V4)
     if role == "user":
         return USER + "\n\n".join(_render_part(p) for p in m["parts"])
     if role == "latest_reminder":
@@ -159,43 +138,14 @@ def _render(m: dict, previous: dict | None, after_last_user: bool, thinking: boo
         if thinking and (previous is None or previous.get("task") is None):
             if keep_reasoning or after_last_user:
                 reasoning = (m.get("reasoning_content") or "") + THINK_END
-        calls = m.get("tool_calls") or []
-        block = (TOOL_CALLS_OPEN + ">\n" + "\n".join(map(render_tool_call, calls)) + "\n" + TOOL_CALLS_END) if calls else ""
+        block = V4.render_tool_calls(m.get("tool_calls") or [])
         return reasoning + (m.get("content") or "") + block + ("" if m.get("wo_eos") else EOS)
     raise ValueError(f"unknown message role {role!r}")
 
 
 def _render_part(part: tuple) -> str:
     kind, content = part
-    if kind == "text":
-        return content
-    if isinstance(content, list):  # content blocks of a tool result
-        content = "\n\n".join(b.get("text", "") if b.get("type") == "text" else f"[Unsupported {b.get('type')}]"
-                              for b in content)
-    return f"<tool_result>{content}</tool_result>"
-
-
-def render_tools(tools: list[dict]) -> str:
-    """The tools section of a system prompt; `tools` in OpenAI format ({"type": "function", "function": ...})."""
-    return TOOLS_SECTION.replace("{schemas}", "\n".join(_json(t["function"]) for t in tools))
-
-
-def render_tool_call(call: dict) -> str:
-    """One OpenAI-format tool call as a DSML invoke. Arguments are a JSON object in a string (as
-    OpenAI sends them) or already a dict; a string that is not JSON becomes one string parameter
-    "arguments", as in the reference."""
-    function = call["function"]
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            arguments = {"arguments": function["arguments"]}
-    if not isinstance(arguments, dict):
-        raise ValueError(f"tool call {function.get('name')!r}: arguments must be a JSON object, not {arguments!r}")
-    params = [f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
-              f'{v if isinstance(v, str) else _json(v)}</{DSML}parameter>' for k, v in arguments.items()]
-    return f'<{DSML}invoke name="{function.get("name")}">\n' + "\n".join(params) + f"\n</{DSML}invoke>"
+    return content if kind == "text" else f"<tool_result>{tool_result_text(content)}</tool_result>"
 
 
 def _merge_tool_results(messages: list[dict]) -> list[dict]:
@@ -242,119 +192,3 @@ def _order_tool_results(turns: list[dict]) -> list[dict]:
         if m.get("role") == "user":
             m["parts"] = [p[:2] for p in m["parts"]]
     return turns
-
-
-def _drop_past_reasoning(turns: list[dict]) -> list[dict]:
-    """Before the last user turn: assistants lose their reasoning, developer (and other) turns go."""
-    last_user = max((i for i, m in enumerate(turns) if m.get("role") in ("user", "developer")), default=-1)
-    kept = []
-    for i, m in enumerate(turns):
-        if i >= last_user or m.get("role") in ("user", "system", "latest_reminder", "direct_search_results"):
-            kept.append(m)
-        elif m.get("role") == "assistant":
-            kept.append({k: v for k, v in m.items() if k != "reasoning_content"})
-    return kept
-
-
-# ---------------------------------------------------------------- parsing
-
-
-def parse_reply(text: str, thinking: bool = True, strict: bool = False) -> dict:
-    """A generated assistant turn -> {"role", "content", "reasoning_content", "tool_calls"}.
-
-    `text` is what the model wrote after the prompt (after <think> in thinking mode), with or without
-    the final <｜end▁of▁sentence｜>. Tool calls come back in OpenAI format with `arguments` a JSON string,
-    as the reference returns them (no ids). A reply that breaks the format raises DSMLError when
-    `strict`; otherwise it comes back as plain text: reasoning up to the first </think> (all of it if
-    the reply never closed its reasoning), the rest as content, no tool calls.
-    """
-    try:
-        return _parse(text, thinking)
-    except DSMLError:
-        if strict:
-            raise
-    reasoning, content = "", text
-    if thinking:
-        reasoning, closed, content = text.partition(THINK_END)
-        if not closed:
-            reasoning, content = text, ""
-    return {"role": "assistant", "content": content.removesuffix(EOS),
-            "reasoning_content": reasoning.removesuffix(EOS), "tool_calls": []}
-
-
-def _parse(text: str, thinking: bool) -> dict:
-    reasoning, pos = "", 0
-    if thinking:
-        end = text.find(THINK_END)
-        call = text.find(TOOL_CALLS_OPEN)
-        if end < 0 or 0 <= call < end:
-            raise DSMLError("the reasoning is not closed by </think>")
-        reasoning, pos = text[:end], end + len(THINK_END)
-    eos, call = text.find(EOS, pos), text.find(TOOL_CALLS_OPEN, pos)
-    calls = []
-    if call >= 0 and (eos < 0 or call < eos):
-        content = text[pos:call]
-        calls, pos = _parse_tool_calls(text, call + len(TOOL_CALLS_OPEN))
-    else:
-        content = text[pos:] if eos < 0 else text[pos:eos]
-        pos = len(text) if eos < 0 else eos
-    if text[pos:] not in ("", EOS):
-        raise DSMLError(f"unexpected text after the reply: {text[pos:][:80]!r}")
-    for token in (BOS, EOS, THINK_START, THINK_END, DSML):
-        if token in content or token in reasoning:
-            raise DSMLError(f"special token {token!r} inside the reply's text")
-    return {"role": "assistant", "content": content, "reasoning_content": reasoning,
-            "tool_calls": [{"type": "function", "function": c} for c in calls]}
-
-
-INVOKE, INVOKE_CLOSE, PARAMETER, PARAMETER_END = (f"<{DSML}invoke", f"</{DSML}invoke", f"<{DSML}parameter",
-                                                   f"/{DSML}parameter")
-INVOKE_END = INVOKE_CLOSE + ">\n"
-INVOKE_NAME = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)  # "\n\n": a call without parameters
-PARAMETER_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
-
-
-def _parse_tool_calls(text: str, pos: int) -> tuple[list[dict], int]:
-    """DSML invokes from `pos` (just after <｜DSML｜tool_calls>) to </｜DSML｜tool_calls>; returns the calls
-    ({"name", "arguments"}) and the position after the block."""
-    if not text.startswith(">\n", pos):
-        raise DSMLError(f"malformed <{DSML}tool_calls> opening: {text[pos:pos + 40]!r}")
-    pos += 2
-    calls = []
-    while not text.startswith(TOOL_CALLS_END, pos):
-        if not text.startswith(INVOKE, pos):
-            raise DSMLError(f"expected {INVOKE} or {TOOL_CALLS_END}, got {text[pos:pos + 60]!r}")
-        pos += len(INVOKE)
-        head_end = min((i for i in (text.find(PARAMETER, pos), text.find(INVOKE_CLOSE, pos)) if i >= 0), default=-1)
-        name = INVOKE_NAME.fullmatch(text, pos, head_end) if head_end >= 0 else None
-        if name is None:
-            raise DSMLError(f"malformed {INVOKE} name=\"...\">: {text[pos:pos + 60]!r}")
-        pos, name, args = head_end, name[1], {}
-        while text.startswith(PARAMETER, pos):
-            end = text.find(PARAMETER_END, pos)  # the value runs to the first one
-            closed = end >= 0 and text.startswith(">\n", end + len(PARAMETER_END))
-            param = PARAMETER_BODY.fullmatch(text, pos + len(PARAMETER), end) if closed else None
-            if param is None:
-                raise DSMLError(f"malformed parameter in call {name!r}: {text[pos:pos + 60]!r}")
-            key, is_string, value = param.groups()
-            if key in args:
-                raise DSMLError(f"parameter {key!r} given twice in call {name!r}")
-            args[key] = _json(value) if is_string == "true" else value
-            pos = end + len(PARAMETER_END) + 2
-        if not text.startswith(INVOKE_END, pos):
-            raise DSMLError(f"call {name!r} is not closed by {INVOKE_CLOSE}>: {text[pos:pos + 60]!r}")
-        pos += len(INVOKE_END)
-        calls.append({"name": name, "arguments": "{" + ", ".join(f"{_json(k)}: {v}" for k, v in args.items()) + "}"})
-    return calls, pos + len(TOOL_CALLS_END)
-
-
-def split_reasoning(messages: list[dict]) -> list[dict]:
-    """Assistant messages stored as raw replies ("reasoning</think>answer", as chat.py keeps them)
-    split into `reasoning_content` and `content`; other messages as they are."""
-    out = []
-    for m in messages:
-        if m.get("role") == "assistant" and "reasoning_content" not in m and THINK_END in (m.get("content") or ""):
-            reasoning, _, content = m["content"].partition(THINK_END)
-            m = {**m, "reasoning_content": reasoning.removeprefix(THINK_START), "content": content}
-        out.append(m)
-    return out

@@ -155,3 +155,22 @@ def test_chat_renders_deepseek_v4_with_this_encoding(no_thinking, tmp_path):
     assert tokens[0] == tokenizer.bos_token_id and tokens[-1] == tokenizer.convert_tokens_to_ids(
         v4.THINK_END if no_thinking else v4.THINK_START)
     assert thinking is not no_thinking
+
+
+def test_the_server_keeps_the_reasoning_of_a_call_only_turn(tmp_path):
+    """V4 keeps all reasoning once tools are defined: a call-only turn sent back with content null
+    and `reasoning_content` renders with its reasoning, as the reference does."""
+    from test_generate import real_tokenizer
+
+    from mlx_deepseek.server.app import Server
+
+    case = CONVERSATIONS["tool call, result, answer, next question: tools keep all reasoning"]
+    system, *messages = copy.deepcopy(case["messages"])
+    tools = system.pop("tools")
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls") and not m["content"]:
+            m["content"] = None
+    server = Server(SimpleNamespace(served_model_name="m", model="m", mtp=False))
+    server.tokenizer, server.model_type = real_tokenizer("deepseek-v4", tmp_path), "deepseek_v4"
+    tokens = server.chat_prompt({"messages": [system, *messages], "tools": tools})[0]
+    assert server.tokenizer.decode(tokens) == case["prompt"]

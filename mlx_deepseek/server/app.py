@@ -20,7 +20,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..chat_template import THINK_END, render
+from ..chat_template import ENCODERS, THINK_END, render
 from .parsers import ReplyParser
 from .tool_choice import ForcedOpening, call_format, call_opening, chosen_name
 from .scheduler import Finish, Piece, Request
@@ -134,7 +134,7 @@ class Server:
         messages = field(body, "messages")
         if not messages:
             raise APIError(400, "'messages' must be a non-empty array", param="messages")
-        messages = [normalize_message(m, i) for i, m in enumerate(messages)]
+        messages = [normalize_message(m, i, self.model_type in ENCODERS) for i, m in enumerate(messages)]
         tools = field(body, "tools")
         choice = field(body, "tool_choice", "auto")
         if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
@@ -161,7 +161,7 @@ class Server:
                 raise APIError(400, "with --mtp, tool_choice \"required\" or a named function is not enforced "
                                     "(speculative steps take no logits processors): use \"auto\"", param="tool_choice")
             opening = call_opening(call_format(self.model_type, template), name)
-        if tools and self.model_type != "deepseek_v4" and "tools" not in template:  # tell the model
+        if tools and self.model_type not in ENCODERS and "tools" not in template:  # tell the model
             messages = [{"role": "system", "content": describe_tools(tools, template, choice)}] + messages
         try:
             tokens, opens_think = render(self.tokenizer, messages, tools, self.model_type, **kwargs)
@@ -196,7 +196,11 @@ class Server:
             self.scheduler.submit(Request(prompt=list(a[:n]), max_tokens=0, emit=lambda event: None, warm=True))
 
 
-def normalize_message(m: Any, i: int) -> dict:
+def normalize_message(m: Any, i: int, keeps_reasoning: bool = False) -> dict:
+    """One request message in the shape the template takes. An assistant's reasoning goes into its
+    content as <think>…</think> (the Jinja templates read it there), or, with `keeps_reasoning`
+    (DeepSeek's own encodings, V3.2 and V4), stays in `reasoning_content`, where they read it
+    also for a turn that only calls tools."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise APIError(400, f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
     m = dict(m)
@@ -209,7 +213,9 @@ def normalize_message(m: Any, i: int) -> dict:
         raise APIError(400, f"messages[{i}].content must be a string or an array of parts", param=f"messages[{i}].content")
     if m["role"] == "assistant":
         reasoning = m.pop("reasoning_content", None) or m.pop("reasoning", None)
-        if reasoning and content is not None:
+        if reasoning and keeps_reasoning:
+            m["reasoning_content"] = reasoning
+        elif reasoning and content is not None:
             content = f"<think>{reasoning}{THINK_END}{content}"  # the template drops it as it says
         calls = m.get("tool_calls")
         if calls:
