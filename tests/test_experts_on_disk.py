@@ -32,6 +32,22 @@ def quantized_v3(tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module")
+def converted_v4(tmp_path_factory):
+    """A DeepSeek-V4 fixture converted with the default recipe: stacked mxfp4 experts (hash layer first)."""
+    from checkpoints import build_v4
+
+    dst = tmp_path_factory.mktemp("v4") / "v4-mxfp4"
+    assert convert_main(["--hf-path", str(build_v4("v4_small", "hf")), "--mlx-path", str(dst)]) == 0
+    return dst
+
+
+def test_v4_streamed_equals_resident(converted_v4):
+    resident, model = streamed(converted_v4, 3)  # top-2 of 8 experts
+    run_both(resident, model, mx.array(tokens(40, vocab=resident.args.vocab_size)), chunks=13, decode_steps=5)
+    assert len(model.expert_stream.pools) == resident.args.num_hidden_layers
+
+
 def folder_of(name, checkpoint, quantized_v3):
     return quantized_v3 if name == "v3-4bit" else checkpoint(name)
 
@@ -197,3 +213,16 @@ def test_a_shard_changed_under_the_model_is_a_clear_error(change, quantized_v3, 
         shard.rename(folder / "moved.safetensors")
     with pytest.raises(ExpertFileChanged, match="model.safetensors"):
         model(mx.array(tokens(20, seed=3)))
+
+
+def test_chat_flag_reports_expert_reads(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import chat
+
+    assert chat.main(["--model", str(TINYSEEK), "--expert-memory", "0.01", "--prompt", "import os",
+                      "--max-tokens", "6", "--temp", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "hits" in out and "GB read per token" in out and "syncs per token" in out

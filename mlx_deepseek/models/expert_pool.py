@@ -34,7 +34,7 @@ class ExpertStats:
     pairs: int = 0    # token-expert pairs computed
     syncs: int = 0    # host synchronizations on the router's picks (one per MoE layer per forward call)
     rounds: int = 0   # expert rounds run (more than one per call when a chunk needs more experts than slots)
-    tokens: int = 0   # tokens through the first streamed layer
+    tokens: int = 0   # tokens through one streamed layer (each forward call passes all of them)
     read_s: float = 0.0  # seconds spent waiting for reads
 
     @property

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-group-size", type=int, default=64)
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP layer (V3, R1, V3.1); one request at a time")
+    p.add_argument("--expert-memory", type=float, metavar="GB",
+                   help="routed experts stay on disk, GB of them cached in memory (models bigger than memory)")
     p.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive comment interval while waiting")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
@@ -49,7 +51,8 @@ def load_into(server, args) -> None:
         from .scheduler import Scheduler, prompt_cache_factory
 
         folder = resolve_model_path(args.model)
-        model, tokenizer = load(folder, mtp=args.mtp)
+        model, tokenizer = load(folder, mtp=args.mtp, expert_memory_gb=args.expert_memory)
+        server.expert_stats = model.expert_stream.stats if hasattr(model, "expert_stream") else None
         if model.model_type == "deepseek_v4":
             raise ValueError("serving deepseek_v4 is not supported yet (batched decoding runs on the MLA "
                              "latent cache); use chat.py for DeepSeek-V4")
