@@ -179,7 +179,7 @@ def locate(path: str, tensor: str, experts: int, entries: dict) -> ExpertTensor:
 
 
 def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_params: Callable,
-                   cast: Callable[[str, mx.array], mx.array], policy: str = "lru",
+                   cast: Callable[[str, mx.array], mx.array], policy: str = "lfu",
                    pinned: Optional[dict[str, list[int]]] = None, threads: int = 8) -> Optional[ExpertStream]:
     """Swap the main layers' routed experts for streamed ones and edit `weights` to match (their
     stacks out, the empty slot pools in); None (and nothing changed) when the budget holds them all."""

@@ -295,14 +295,14 @@ def quantization_of(config: dict, args: ModelArgs):
 
 def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
                quantize: Optional[int] = None, group_size: int = 64, expert_memory_gb: Optional[float] = None,
-               expert_policy: str = "lru"):
+               expert_policy: str = "lfu"):
     """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
 
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
     `quantize=BITS` quantizes a float or block-FP8 checkpoint as it loads (affine, `group_size`),
     exactly as `python -m convert -q --q-bits BITS` would; block-FP8 loads without it too.
     `expert_memory_gb=N`: the routed experts stay in the folder and are read on demand into N GB of
-    expert slots (`experts_on_disk`; `expert_policy` "lru" or "lfu"); `model.expert_stream.stats`
+    expert slots (`experts_on_disk`; `expert_policy` "lfu", the measured best, or "lru"); `model.expert_stream.stats`
     counts hits and bytes read. A budget that holds every expert loads them as usual.
     """
     folder = resolve_model_path(path_or_repo)
@@ -440,7 +440,7 @@ def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.arr
 
 def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
          quantize: Optional[int] = None, group_size: int = 64, expert_memory_gb: Optional[float] = None,
-         expert_policy: str = "lru"):
+         expert_policy: str = "lfu"):
     """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer.
     `quantize=BITS`: quantize on load; `expert_memory_gb=N`: routed experts streamed from disk (see `load_model`)."""
     folder = resolve_model_path(path_or_repo)

@@ -100,7 +100,7 @@ def test_streamed_logits_equal_resident(name, slots, checkpoint, quantized_v3):
 
 
 def test_quantized_cache_and_batches(quantized_v3):
-    resident, model = streamed(quantized_v3, 4)
+    resident, model = streamed(quantized_v3, 4, expert_policy="lru")
     run_both(resident, model, mx.array(tokens(12, batch=2)), chunks=5, decode_steps=4, kv_bits=8)
 
 

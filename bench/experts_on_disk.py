@@ -1,0 +1,243 @@
+"""Routed experts streamed from disk (`load(..., expert_memory_gb=)`): what each budget and policy
+reads per token, what it costs here, and a labelled projection for real Macs.
+
+    python -m bench.experts_on_disk [--tokens 512] [--timed-tokens 48]
+
+1. Hit rate and bytes read per decoded token versus the budget (slots per layer of 16 experts) for
+   each policy, on tinyseek (trained routing) over real text: the router's picks of every token
+   are recorded once from the resident 4-bit model, then replayed through `ExpertPool` (the
+   streaming code's own bookkeeping; routing is the same whatever the budget, since streaming is
+   exact). Policies: LRU, frequency-aware (LFU), and pinned (half the slots hold the experts a
+   calibration run on other text picked most, the rest LRU). A baseline replays the same picks
+   in shuffled token order: what is left without temporal locality.
+2. Prefill: distinct experts per layer per chunk (each read once per chunk) for chunk sizes.
+3. Decode tok/s here, streamed (real reads: page cache dropped before every token, or hot)
+   against resident, and the live run's hit rate against the replay's.
+4. A projection for R1 on 192 / 128 GB Macs and V4-Flash on 64 GB (arithmetic, labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from bench.common import machine
+from bench.synthetic import CACHE, CONFIGS, TINYSEEK, results_dir
+from mlx_deepseek.models.expert_pool import ExpertPool, ExpertStats
+from mlx_deepseek.models.moe import MoE
+
+POLICIES = ("lru", "lfu", "pinned", "lru, shuffled tokens")
+
+
+def tinyseek_4bit() -> Path:
+    out = CACHE / "tinyseek-4bit"
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "convert", "--hf-path", str(TINYSEEK), "--mlx-path", str(out), "-q"],
+                       check=True)
+    return out
+
+
+def record_picks(model, ids: np.ndarray, window: int = 256) -> np.ndarray:
+    """The router's picks (MoE layers, tokens, k) of every token of `ids`, run in windows."""
+    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    picks = [[] for _ in moes]
+    routers = [moe.gate for moe in moes]
+
+    def recording(i):
+        def route(x):
+            indices, weights = routers[i](x)
+            picks[i].append(indices)
+            return indices, weights
+        return route
+
+    for i, moe in enumerate(moes):
+        moe.gate = recording(i)
+    try:
+        for start in range(0, len(ids), window):
+            model.hidden(mx.array(ids[None, start : start + window]))
+            mx.eval([p[-1] for p in picks])
+    finally:
+        for moe, router in zip(moes, routers):
+            moe.gate = router
+    return np.stack([np.concatenate([np.array(p).reshape(-1, p[0].shape[-1]) for p in layer]) for layer in picks])
+
+
+def replay(picks: np.ndarray, slots: int, policy: str, counts: np.ndarray, expert_bytes: int) -> ExpertStats:
+    """Decode token by token through one pool per layer."""
+    layers, n, _ = picks.shape
+    experts = counts.shape[1]
+    stats = ExpertStats()
+    if policy.endswith("shuffled tokens"):
+        picks = picks[:, np.random.default_rng(0).permutation(n)]
+    pools = []
+    for layer in range(layers):
+        pinned = np.argsort(-counts[layer], kind="stable")[: slots // 2] if policy == "pinned" else ()
+        pools.append(ExpertPool(experts, slots, expert_bytes, stats, "lfu" if policy == "lfu" else "lru", pinned))
+    for t in range(n):
+        for layer, pool in enumerate(pools):
+            pool.plan(picks[layer, t][None])
+        stats.tokens += 1
+    return stats
+
+
+def prefill_reads(picks: np.ndarray, chunk: int) -> float:
+    """Mean distinct experts per layer per chunk of `chunk` tokens (each read once per chunk)."""
+    n = picks.shape[1] // chunk * chunk
+    per = [len(np.unique(picks[layer, s : s + chunk])) for layer in range(picks.shape[0]) for s in range(0, n, chunk)]
+    return float(np.mean(per))
+
+
+def timed_decode(folder: Path, ids: np.ndarray, prompt: int, steps: int, budget_gb, cold: bool) -> dict:
+    """Decode `steps` tokens of real text (teacher-forced, one at a time) after a `prompt`."""
+    from mlx_deepseek import load_model
+
+    model = load_model(folder, expert_memory_gb=budget_gb)
+    stream = getattr(model, "expert_stream", None)
+    cache = model.make_cache()
+    mx.eval(model(mx.array(ids[None, :prompt]), cache))
+    if stream is not None:
+        stream.stats.reset()
+    seconds = 0.0
+    for t in range(prompt, prompt + steps):
+        if cold and stream is not None:
+            stream.drop_page_cache()
+        start = time.perf_counter()
+        mx.eval(model(mx.array(ids[None, t : t + 1]), cache))
+        seconds += time.perf_counter() - start
+    row = {"tok_s": steps / seconds}
+    if stream is not None:
+        s = stream.stats
+        row.update(hit_rate=s.hit_rate, mb_per_token=s.bytes_read / s.tokens / 1e6,
+                   read_ms_per_token=1e3 * s.read_s / s.tokens, syncs_per_token=s.syncs / s.tokens)
+        stream.reader.close()
+    return row
+
+
+# -- projection for real Macs (arithmetic on the figures above; nothing here ran on a Mac) ----------------
+
+def model_bytes(config: str, expert_bits: float, other_bits: float) -> dict:
+    """Routed-expert bytes (one expert, all experts) and the rest, from a real config's shapes."""
+    cfg = json.loads((CONFIGS / config).read_text())
+    D, H, E, k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    moe_layers = cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0)
+    expert = 3 * D * H * expert_bits / 8
+    total_params = {"DeepSeek-R1.json": 671e9, "DeepSeek-V4-Flash.json": 284e9}[config]  # published totals (no MTP)
+    other = (total_params - 3 * D * H * E * moe_layers) * other_bits / 8
+    return {"expert": expert, "experts": expert * E * moe_layers, "other": other, "moe_layers": moe_layers,
+            "top_k": k, "experts_per_layer": E}
+
+
+MACS = [  # (label, model config, expert bits, other bits, memory GB, memory bandwidth GB/s)
+    ("R1 4-bit on a 192 GB M2 Ultra (800 GB/s)", "DeepSeek-R1.json", 4.5, 4.5, 192, 800),
+    ("R1 4-bit on a 128 GB M4 Max (546 GB/s)", "DeepSeek-R1.json", 4.5, 4.5, 128, 546),
+    ("V4-Flash (mxfp4 experts, 8-bit rest) on a 64 GB M4 Max (546 GB/s)", "DeepSeek-V4-Flash.json", 4.25, 8.5, 64, 546),
+]
+RESERVED_GB = 12  # macOS, apps, latent cache and activations (with the GPU wired limit raised)
+
+
+def project(curves: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    rows = []
+    for label, config, eb, ob, ram, bw in MACS:
+        m = model_bytes(config, eb, ob)
+        budget = ram * 1e9 - RESERVED_GB * 1e9 - m["other"]
+        fraction = max(0.0, min(1.0, budget / m["experts"]))
+        picks = m["top_k"] * m["moe_layers"]
+        active = m["other"] + picks * m["expert"]
+        for locality, hit in (("none (hit rate = budget share)", fraction),
+                              ("tinyseek's LRU at that share", np.interp(fraction, *zip(*curves["lru"])))):
+            read = (1 - hit) * picks * m["expert"]
+            for ssd in (5, 7):
+                seconds = read / (ssd * 1e9) + active / (bw * 1e9)
+                rows.append({"mac": label, "budget_share": fraction, "locality": locality, "hit_rate": float(hit),
+                             "gb_read_per_token": read / 1e9, "ssd_gb_s": ssd, "tok_s": 1 / seconds,
+                             "resident_other_gb": m["other"] / 1e9, "experts_gb": m["experts"] / 1e9})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.experts_on_disk", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of real text replayed")
+    p.add_argument("--timed-tokens", type=int, default=48, help="tokens decoded in each timed run")
+    args = p.parse_args(argv)
+
+    from mlx_deepseek import load_model
+
+    folder = tinyseek_4bit()
+    text = np.load(TINYSEEK / "validation" / "val_ids.npy")
+    model = load_model(folder)
+    calibration = record_picks(model, text[: 2048])
+    picks = record_picks(model, text[4096 : 4096 + args.tokens])
+    E, k = model.args.n_routed_experts, model.args.num_experts_per_tok
+    counts = np.stack([np.bincount(layer.reshape(-1), minlength=E) for layer in calibration])
+    one = model.layers[1].mlp.switch_mlp
+    expert_bytes = sum(v.nbytes for v in (one.gate_proj.weight, one.gate_proj.scales, one.gate_proj.biases)) * 3 // E
+    del model
+
+    print(f"# tinyseek 4-bit: {picks.shape[0]} MoE layers, {E} experts, top-{k}, {expert_bytes / 1e3:.0f} kB "
+          f"per expert; {picks.shape[1]} tokens of real text\n")
+    print("| slots / 16 (budget) | " + " | ".join(POLICIES) + " |")
+    print("|---|" + "---|" * len(POLICIES))
+    table, curves = [], {p: [] for p in POLICIES}
+    for slots in (2, 4, 6, 8, 12, 16):
+        cells = []
+        for policy in POLICIES:
+            if policy == "pinned" and slots < 4:
+                cells.append("—")
+                continue
+            s = replay(picks, slots, policy, counts, expert_bytes)
+            table.append({"slots": slots, "policy": policy, "hit_rate": s.hit_rate,
+                          "kb_per_token": s.bytes_read / s.tokens / 1e3})
+            curves[policy].append((slots / E, s.hit_rate))
+            cells.append(f"{s.hit_rate:.1%}, {s.bytes_read / s.tokens / 1e3:.0f} kB/tok")
+        print(f"| {slots} ({slots / E:.0%}) | " + " | ".join(cells) + " |")
+
+    print("\n| prefill chunk (tokens) | distinct experts per layer per chunk | expert reads per prompt token |")
+    print("|---|---|---|")
+    prefill = []
+    for chunk in (1, 4, 16, 64, 256):
+        d = prefill_reads(picks, chunk)
+        prefill.append({"chunk": chunk, "distinct": d})
+        print(f"| {chunk} | {d:.1f} of {E} | {d / chunk:.3f} per layer |")
+
+    print("\n| decode here (tok/s, real reads) | tok/s | vs resident | hit rate (live) | MB read/token | "
+          "read ms/token | syncs/token |")
+    print("|---|---|---|---|---|---|---|")
+    timed = []
+    resident = timed_decode(folder, text[6000:], 64, args.timed_tokens, None, False)
+    for slots in (4, 8, 12):
+        budget = (slots + 0.5) * expert_bytes * picks.shape[0] / 1e9
+        for cold in (True, False):
+            row = {"slots": slots, "page_cache": "dropped every token" if cold else "hot",
+                   **timed_decode(folder, text[6000:], 64, args.timed_tokens, budget, cold)}
+            row["vs_resident"] = row["tok_s"] / resident["tok_s"]
+            timed.append(row)
+            print(f"| {slots} slots, page cache {row['page_cache']} | {row['tok_s']:.1f} | {row['vs_resident']:.2f}x | "
+                  f"{row['hit_rate']:.1%} | {row['mb_per_token']:.2f} | {row['read_ms_per_token']:.2f} | "
+                  f"{row['syncs_per_token']:.0f} |")
+    print(f"| resident (all 16) | {resident['tok_s']:.1f} | 1.00x | | | | |")
+
+    print("\n**Projection, not a measurement** (bytes read per token / SSD speed + active bytes / memory bandwidth,"
+          " no overlap):\n")
+    print("| Mac | expert budget share | locality assumed | hit rate | GB read/token | SSD GB/s | tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    projection = project(curves)
+    for r in projection:
+        print(f"| {r['mac']} | {r['budget_share']:.0%} | {r['locality']} | {r['hit_rate']:.0%} | "
+              f"{r['gb_read_per_token']:.2f} | {r['ssd_gb_s']} | {r['tok_s']:.2f} |")
+
+    (results_dir() / "experts_on_disk.json").write_text(json.dumps(
+        {"machine": machine(), "replay": table, "prefill": prefill, "timed": timed, "resident": resident,
+         "projection": projection}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
