@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             from mlx_deepseek.pipeline import pipeline
 
             split = [int(n) for n in args.layers_split.split(",")] if args.layers_split else None
-            model, tokenizer = pipeline(folder, layers_split=split, mtp=args.mtp)
+            model, tokenizer = pipeline(folder, layers_split=split, mtp=args.mtp, expert_memory_gb=args.expert_memory)
             if tokenizer is None:
                 model.serve()
                 return 0

@@ -10,7 +10,10 @@ reads per token, what it costs here, and a labelled projection for real Macs.
    exact). Policies: LRU, frequency-aware (LFU), and pinned (half the slots hold the experts a
    calibration run on other text picked most, the rest LRU). A baseline replays the same picks
    in shuffled token order: what is left without temporal locality.
-2. Prefill: distinct experts per layer per chunk (each read once per chunk) for chunk sizes.
+2. Prefetch, measured on the same replay: how many of a layer's picks its router guesses from the
+   previous MoE layer's input (what a read could start on while that layer computes), and what
+   prefetching those guesses saves in reads that stall and costs in extra reads.
+   Prefill: distinct experts per layer per chunk (each read once per chunk) for chunk sizes.
 3. Decode tok/s here, streamed (real reads: page cache dropped before every token, or hot)
    against resident, and the live run's hit rate against the replay's.
 4. A projection for R1 on 192 / 128 GB Macs and V4-Flash on 64 GB (arithmetic, labelled).
@@ -44,16 +47,20 @@ def tinyseek_4bit() -> Path:
     return out
 
 
-def record_picks(model, ids: np.ndarray, window: int = 256) -> np.ndarray:
-    """The router's picks (MoE layers, tokens, k) of every token of `ids`, run in windows."""
+def record_picks(model, ids: np.ndarray, window: int = 256, predictions: bool = False):
+    """The router's picks (MoE layers, tokens, k) of every token of `ids`, run in windows. With
+    `predictions`, also what each layer's router picks on the previous MoE layer's input (the
+    guess a prefetch could act on while that layer computes), for layers 1.. (layers - 1, tokens, k)."""
     moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
-    picks = [[] for _ in moes]
+    picks, guesses = [[] for _ in moes], [[] for _ in moes[1:]]
     routers = [moe.gate for moe in moes]
 
     def recording(i):
         def route(x):
             indices, weights = routers[i](x)
             picks[i].append(indices)
+            if predictions and i + 1 < len(routers):
+                guesses[i].append(routers[i + 1](x)[0])
             return indices, weights
         return route
 
@@ -62,11 +69,38 @@ def record_picks(model, ids: np.ndarray, window: int = 256) -> np.ndarray:
     try:
         for start in range(0, len(ids), window):
             model.hidden(mx.array(ids[None, start : start + window]))
-            mx.eval([p[-1] for p in picks])
+            mx.eval([p[-1] for p in picks] + [g[-1] for g in guesses if g])
     finally:
         for moe, router in zip(moes, routers):
             moe.gate = router
-    return np.stack([np.concatenate([np.array(p).reshape(-1, p[0].shape[-1]) for p in layer]) for layer in picks])
+
+    def stacked(lists):
+        return np.stack([np.concatenate([np.array(p).reshape(-1, p[0].shape[-1]) for p in layer]) for layer in lists])
+    return (stacked(picks), stacked(guesses)) if predictions else stacked(picks)
+
+
+def recall(guess: np.ndarray, actual: np.ndarray) -> float:
+    """Mean share of each token's actual picks that the guess contains."""
+    hits = (guess[..., :, None] == actual[..., None, :]).any(axis=-2)
+    return float(hits.mean())
+
+
+def replay_prefetch(picks: np.ndarray, guesses: np.ndarray, slots: int, expert_bytes: int) -> tuple[ExpertStats, ExpertStats]:
+    """LRU decoding where each layer's guessed experts are fetched while the previous layer computes:
+    (demand reads, which stall, and prefetch reads)."""
+    layers, n, _ = picks.shape
+    demand, prefetch = ExpertStats(), ExpertStats()
+    pools = [ExpertPool(picks.max() + 1, slots, expert_bytes, demand) for _ in range(layers)]
+    for t in range(n):
+        for layer, pool in enumerate(pools):
+            if layer + 1 < layers:  # guess layer+1's experts from this layer's input, fetch them now
+                pools[layer + 1].stats = prefetch
+                pools[layer + 1].plan(guesses[layer, t][None])
+                pools[layer + 1].stats = demand
+            pool.plan(picks[layer, t][None])
+        demand.tokens += 1
+        prefetch.tokens += 1
+    return demand, prefetch
 
 
 def replay(picks: np.ndarray, slots: int, policy: str, counts: np.ndarray, expert_bytes: int) -> ExpertStats:
@@ -199,6 +233,27 @@ def main(argv=None) -> int:
             cells.append(f"{s.hit_rate:.1%}, {s.bytes_read / s.tokens / 1e3:.0f} kB/tok")
         print(f"| {slots} ({slots / E:.0%}) | " + " | ".join(cells) + " |")
 
+    _, guesses = record_picks(load_model(folder), text[4096 : 4096 + args.tokens], predictions=True)
+    print("\n| guess of a layer's experts | share of its picks guessed |")
+    print("|---|---|")
+    prefetch = {"next layer's router on this layer's input": recall(guesses, picks[1:]),
+                "the previous token's picks, same layer": recall(picks[:, :-1], picks[:, 1:])}
+    for what, r in prefetch.items():
+        print(f"| {what} | {r:.1%} |")
+    print("\n| slots | LRU: hit rate, kB read/token | with next-layer prefetch: demand hit rate, "
+          "stalling kB/token, prefetched kB/token |")
+    print("|---|---|---|")
+    prefetched = []
+    for slots in (4, 8, 12):
+        plain = replay(picks, slots, "lru", counts, expert_bytes)
+        demand, pre = replay_prefetch(picks, guesses, slots, expert_bytes)
+        prefetched.append({"slots": slots, "lru_hit_rate": plain.hit_rate, "demand_hit_rate": demand.hit_rate,
+                           "stall_kb_per_token": demand.bytes_read / demand.tokens / 1e3,
+                           "prefetch_kb_per_token": pre.bytes_read / pre.tokens / 1e3})
+        print(f"| {slots} | {plain.hit_rate:.1%}, {plain.bytes_read / plain.tokens / 1e3:.0f} | "
+              f"{demand.hit_rate:.1%}, {demand.bytes_read / demand.tokens / 1e3:.0f}, "
+              f"{pre.bytes_read / pre.tokens / 1e3:.0f} |")
+
     print("\n| prefill chunk (tokens) | distinct experts per layer per chunk | expert reads per prompt token |")
     print("|---|---|---|")
     prefill = []
@@ -234,7 +289,7 @@ def main(argv=None) -> int:
               f"{r['gb_read_per_token']:.2f} | {r['ssd_gb_s']} | {r['tok_s']:.2f} |")
 
     (results_dir() / "experts_on_disk.json").write_text(json.dumps(
-        {"machine": machine(), "replay": table, "prefill": prefill, "timed": timed, "resident": resident,
+        {"machine": machine(), "replay": table, "guesses": prefetch, "prefetch": prefetched, "prefill": prefill, "timed": timed, "resident": resident,
          "projection": projection}, indent=2))
     return 0
 

@@ -180,9 +180,12 @@ def locate(path: str, tensor: str, experts: int, entries: dict) -> ExpertTensor:
 
 def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_params: Callable,
                    cast: Callable[[str, mx.array], mx.array], policy: str = "lfu",
-                   pinned: Optional[dict[str, list[int]]] = None, threads: int = 8) -> Optional[ExpertStream]:
+                   pinned: Optional[dict[str, list[int]]] = None, threads: int = 8,
+                   model_path: Callable[[str], str] = lambda p: p) -> Optional[ExpertStream]:
     """Swap the main layers' routed experts for streamed ones and edit `weights` to match (their
-    stacks out, the empty slot pools in); None (and nothing changed) when the budget holds them all."""
+    stacks out, the empty slot pools in); None (and nothing changed) when the budget holds them all.
+    `model_path` maps a module path of `model` to the full model's (a pipeline stage's layers are
+    numbered from 0), which is what the folder and the quantization config name."""
     layers = [(p, m) for p, m in model.named_modules()
               if isinstance(m, RoutedExperts) and not p.startswith("mtp") and f"{p}.gate_proj.weight" in weights]
     if not layers:
@@ -203,10 +206,10 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
                       f"one token uses: every token reads experts from disk. One token's experts need "
                       f"{top_k * expert_bytes * len(layers) / 1e9:.3g} GB", stacklevel=4)
     entries = disk_entries(folder)
-    located = {p: [locate(p, t, E, entries) for t in parts] for p, _ in layers}
+    located = {p: [locate(model_path(p), t, E, entries) for t in parts] for p, _ in layers}
     for p, tensors in located.items():
-        for t in tensors:
-            expected = tuple(weights[t.name].shape)
+        for t, part in zip(tensors, parts):
+            expected = tuple(weights[f"{p}.{part}"].shape)
             if (E, *t.shape) != expected or t.dtype not in NP_DTYPES:
                 raise CheckpointError(f"{t.file}: tensor {t.name}: {t.dtype} {(E, *t.shape)} on disk, "
                                       f"the model expects {expected}")
@@ -216,7 +219,7 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
     disk_bytes = sum(t.nbytes for t in located[first])  # one expert as stored (what a miss reads)
     dtypes = {t: v.dtype for t, v in mem.items()}
     for i, (p, m) in enumerate(layers):
-        if "expert_bits" in (quant_params(p) or {}):
+        if "expert_bits" in (quant_params(model_path(p)) or {}):
             raise CheckpointError(f"{folder}: {p}: experts at mixed bit widths cannot be streamed yet")
         pool = ExpertPool(E, slots, disk_bytes, stats, policy, (pinned or {}).get(p, ()))
         hidden, dims = m.gate_proj["weight"].shape[1], m.down_proj["weight"].shape[1]
@@ -224,7 +227,8 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
                                  m.limit, count_tokens=i == 0)
         for proj in PROJS:
             if f"{p}.{proj}.scales" in weights:
-                setattr(module.slots, proj, getattr(module.slots, proj).to_quantized(**quant_params(f"{p}.{proj}")))
+                q = quant_params(model_path(f"{p}.{proj}"))
+                setattr(module.slots, proj, getattr(module.slots, proj).to_quantized(**q))
         for t in parts:
             del weights[f"{p}.{t}"]
             weights[f"{p}.slots.{t}"] = mx.zeros((slots, *mem[t].shape[1:]), dtype=dtypes[t])
