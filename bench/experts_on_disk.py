@@ -16,7 +16,9 @@ reads per token, what it costs here, and a labelled projection for real Macs.
    Prefill: distinct experts per layer per chunk (each read once per chunk) for chunk sizes.
 3. Decode tok/s here, streamed (real reads: page cache dropped before every token, or hot)
    against resident, and the live run's hit rate against the replay's.
-4. A projection for R1 on 192 / 128 GB Macs and V4-Flash on 64 GB (arithmetic, labelled).
+4. The read path's GB/s on R1-sized experts (pread into MLX buffers, and with the slot writes),
+   against a plain memcpy of the same bytes.
+5. A projection for R1 on 192 / 128 GB Macs and V4-Flash on 64 GB (arithmetic, labelled).
 """
 
 from __future__ import annotations
@@ -154,6 +156,67 @@ def timed_decode(folder: Path, ids: np.ndarray, prompt: int, steps: int, budget_
     return row
 
 
+def host_path(experts: int = 12, batch: int = 8, reps: int = 3) -> list[dict]:
+    """GB/s of the read path on R1-sized experts (4-bit, 7168 -> 2048, bf16 scales: 24.8 MB each,
+    9 ranges): pread from the thread pool alone, and pread + copy into MLX + write into the slots,
+    with the page cache dropped before each batch and hot. One layer's stack of `experts`."""
+    from safetensors.numpy import save_file
+
+    from mlx_deepseek.experts_on_disk import ExpertReader, _fetcher, disk_entries, locate
+
+    D, H, G = 7168, 2048, 64
+    shapes = {"gate_proj": (H, D), "up_proj": (H, D), "down_proj": (D, H)}
+    folder = CACHE / f"r1-expert-stack-{experts}"
+    if not (folder / "model.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        tensors = {}
+        for proj, (out, inp) in shapes.items():
+            name = f"model.layers.0.mlp.switch_mlp.{proj}"
+            tensors[f"{name}.weight"] = rng.integers(0, 2**32, (experts, out, inp // 8), dtype=np.uint32)
+            for part in ("scales", "biases"):
+                tensors[f"{name}.{part}"] = rng.standard_normal((experts, out, inp // G)).astype(np.float16)
+        save_file(tensors, str(folder / "model.safetensors"))
+    entries = disk_entries(folder)
+    parts = [f"{proj}.{part}" for proj in shapes for part in ("weight", "scales", "biases")]
+    located = [locate("model.layers.0.mlp.switch_mlp", t, experts, entries) for t in parts]
+    reader = ExpertReader({t.file for t in located})
+    fetch = _fetcher(reader, located, lambda k, v: v)
+    per_expert = sum(t.nbytes for t in located)
+    slots = {t.name: mx.zeros((batch, *t.shape), dtype=mx.float16 if t.dtype == "F16" else mx.uint32)
+             for t in located}
+    mx.eval(list(slots.values()))
+    rows = []
+    for cold in (True, False):
+        for what in ("pread into MLX buffers", "pread + into the slots"):
+            seconds = []
+            for rep in range(reps):
+                chosen = [(rep * batch + i) % experts for i in range(batch)]
+                if cold:
+                    reader.drop_page_cache()
+                start = time.perf_counter()
+                if what == "pread into MLX buffers":
+                    reader.read(located, chosen)
+                else:  # as StreamedExperts._load writes them: one slice update per expert
+                    data = fetch(chosen)
+                    for t in located:
+                        value = data[".".join(t.name.rsplit(".", 2)[1:])]
+                        for i in range(batch):
+                            slots[t.name][i] = value[i]
+                    mx.eval(list(slots.values()))
+                seconds.append(time.perf_counter() - start)
+            rows.append({"page_cache": "dropped" if cold else "hot", "path": what,
+                         "gb_s": batch * per_expert / np.median(seconds) / 1e9, "mb_per_expert": per_expert / 1e6})
+    reader.close()
+    buf = np.ones(batch * per_expert, dtype=np.uint8)
+    start = time.perf_counter()
+    for _ in range(reps):
+        buf.copy()
+    rows.append({"page_cache": "-", "path": "memcpy of the same bytes (this machine's bound)",
+                 "gb_s": reps * buf.nbytes / (time.perf_counter() - start) / 1e9, "mb_per_expert": per_expert / 1e6})
+    return rows
+
+
 # -- projection for real Macs (arithmetic on the figures above; nothing here ran on a Mac) ----------------
 
 def model_bytes(config: str, expert_bits: float, other_bits: float) -> dict:
@@ -279,6 +342,12 @@ def main(argv=None) -> int:
                   f"{row['syncs_per_token']:.0f} |")
     print(f"| resident (all 16) | {resident['tok_s']:.1f} | 1.00x | | | | |")
 
+    print(f"\n| read path, R1-sized experts (8 per batch) | page cache | GB/s |")
+    print("|---|---|---|")
+    throughput = host_path()
+    for r in throughput:
+        print(f"| {r['path']} ({r['mb_per_expert']:.1f} MB per expert) | {r['page_cache']} | {r['gb_s']:.2f} |")
+
     print("\n**Projection, not a measurement** (bytes read per token / SSD speed + active bytes / memory bandwidth,"
           " no overlap):\n")
     print("| Mac | expert budget share | locality assumed | hit rate | GB read/token | SSD GB/s | tok/s |")
@@ -289,7 +358,7 @@ def main(argv=None) -> int:
               f"{r['gb_read_per_token']:.2f} | {r['ssd_gb_s']} | {r['tok_s']:.2f} |")
 
     (results_dir() / "experts_on_disk.json").write_text(json.dumps(
-        {"machine": machine(), "replay": table, "guesses": prefetch, "prefetch": prefetched, "prefill": prefill, "timed": timed, "resident": resident,
+        {"machine": machine(), "replay": table, "guesses": prefetch, "prefetch": prefetched, "prefill": prefill, "read_path": throughput, "timed": timed, "resident": resident,
          "projection": projection}, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ experts too). Each streamed layer's `switch_mlp` becomes a `StreamedExperts` who
 per tensor, (S, out, in), is sized from the budget: S = budget / (MoE layers x bytes per expert).
 The router's picks are synchronized to the host once per MoE layer per forward call, `ExpertPool`
 places them (LRU or frequency-aware eviction), `ExpertReader` preads the missing experts from a
-thread pool, and they are written into the slots; the math is the resident one. A budget that holds
+thread pool straight into MLX buffers, and they are written into the slots; the math is the resident one. A budget that holds
 every expert loads them resident instead. Every read batch first checks that its shards are the
 files that were opened (device, inode, size, mtime): a shard replaced or truncated under us is an
 `ExpertFileChanged` naming the file, never garbage output.
@@ -44,9 +44,9 @@ from .models.streamed_experts import StreamedExperts
 PROJS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 V4_NATIVE = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-# safetensors dtype -> the numpy dtype its bytes are read as (bfloat16 as uint16, then viewed)
-NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "U8": np.uint8,
-             "I32": np.int32, "I8": np.int8}
+# safetensors dtype -> the MLX dtype its bytes are viewed as
+MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
+             "I32": mx.int32, "I8": mx.int8}
 
 
 class ExpertFileChanged(CheckpointError):
@@ -88,16 +88,21 @@ class ExpertReader:
                     f"{file}: the shard changed since the model was loaded (size {self.identity[file][2]} -> {now[2]} "
                     "bytes, or replaced or rewritten); reload the model")
 
-    def read(self, tensors: list[ExpertTensor], experts: list[int]) -> list[np.ndarray]:
-        """For each tensor, the experts' bytes as an array (len(experts), *shape) of its dtype."""
+    def read(self, tensors: list[ExpertTensor], experts: list[int]) -> list[mx.array]:
+        """For each tensor, the experts' bytes as an MLX array (len(experts), *shape) of its dtype.
+
+        The bytes are read straight into a fresh MLX buffer (evaluated, shared with numpy through
+        the buffer protocol, referenced by no graph yet), so the only copies are the page cache's
+        and the write into the slots."""
         self.check({t.file for t in tensors})
-        out = [np.empty((len(experts), t.nbytes), dtype=np.uint8) for t in tensors]
-        jobs = [self.pool.submit(self._pread, t.file, t.offsets[e], buf[i])
-                for t, buf in zip(tensors, out) for i, e in enumerate(experts)]
+        staging = [mx.zeros((len(experts), t.nbytes), dtype=mx.uint8) for t in tensors]
+        mx.eval(staging)
+        jobs = [self.pool.submit(self._pread, t.file, t.offsets[e], np.asarray(buf)[i])
+                for t, buf in zip(tensors, staging) for i, e in enumerate(experts)]
         for job in jobs:
             job.result()
-        self.bytes_read += sum(buf.nbytes for buf in out)
-        return [buf.view(NP_DTYPES[t.dtype]).reshape(len(experts), *t.shape) for t, buf in zip(tensors, out)]
+        self.bytes_read += sum(buf.nbytes for buf in staging)
+        return [buf.view(MX_DTYPES[t.dtype]).reshape(len(experts), *t.shape) for t, buf in zip(tensors, staging)]
 
     def _pread(self, file: Path, offset: int, into: np.ndarray) -> None:
         fd, view, done = self.fds[file], memoryview(into), 0
@@ -210,7 +215,7 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
     for p, tensors in located.items():
         for t, part in zip(tensors, parts):
             expected = tuple(weights[f"{p}.{part}"].shape)
-            if (E, *t.shape) != expected or t.dtype not in NP_DTYPES:
+            if (E, *t.shape) != expected or t.dtype not in MX_DTYPES:
                 raise CheckpointError(f"{t.file}: tensor {t.name}: {t.dtype} {(E, *t.shape)} on disk, "
                                       f"the model expects {expected}")
     reader = ExpertReader({t.file for ts in located.values() for t in ts}, threads)
@@ -240,10 +245,7 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
 def _fetcher(reader: ExpertReader, tensors: list[ExpertTensor], cast) -> Callable:
     def fetch(experts: list[int]) -> dict[str, mx.array]:
         out = {}
-        for t, raw in zip(tensors, reader.read(tensors, experts)):
-            value = mx.array(raw)
-            if t.dtype == "BF16":
-                value = value.view(mx.bfloat16)
+        for t, value in zip(tensors, reader.read(tensors, experts)):
             key = t.name.rsplit(".", 2)
             key = f"{key[1]}.{key[2]}"
             out[key] = cast(t.name, value)
