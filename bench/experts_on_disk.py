@@ -130,29 +130,34 @@ def prefill_reads(picks: np.ndarray, chunk: int) -> float:
     return float(np.mean(per))
 
 
-def timed_decode(folder: Path, ids: np.ndarray, prompt: int, steps: int, budget_gb, cold: bool) -> dict:
-    """Decode `steps` tokens of real text (teacher-forced, one at a time) after a `prompt`."""
+def timed_decode(folder: Path, ids: np.ndarray, prompt: int, steps: int, budget_gb, cold: bool, reps: int = 5) -> dict:
+    """Decode `steps` tokens of real text (teacher-forced, one at a time) after a `prompt`; the
+    median of `reps` runs, each from a fresh model (empty slots) and cache."""
     from mlx_deepseek import load_model
 
-    model = load_model(folder, expert_memory_gb=budget_gb)
-    stream = getattr(model, "expert_stream", None)
-    cache = model.make_cache()
-    mx.eval(model(mx.array(ids[None, :prompt]), cache))
-    if stream is not None:
-        stream.stats.reset()
-    seconds = 0.0
-    for t in range(prompt, prompt + steps):
-        if cold and stream is not None:
-            stream.drop_page_cache()
-        start = time.perf_counter()
-        mx.eval(model(mx.array(ids[None, t : t + 1]), cache))
-        seconds += time.perf_counter() - start
-    row = {"tok_s": steps / seconds}
+    speeds = []
+    for _ in range(reps):
+        model = load_model(folder, expert_memory_gb=budget_gb)
+        stream = getattr(model, "expert_stream", None)
+        cache = model.make_cache()
+        mx.eval(model(mx.array(ids[None, :prompt]), cache))
+        if stream is not None:
+            stream.stats.reset()
+        seconds = 0.0
+        for t in range(prompt, prompt + steps):
+            if cold and stream is not None:
+                stream.drop_page_cache()
+            start = time.perf_counter()
+            mx.eval(model(mx.array(ids[None, t : t + 1]), cache))
+            seconds += time.perf_counter() - start
+        speeds.append(steps / seconds)
+        if stream is not None:
+            stream.reader.close()
+    row = {"tok_s": float(np.median(speeds)), "tok_s_min": min(speeds), "tok_s_max": max(speeds)}
     if stream is not None:
         s = stream.stats
         row.update(hit_rate=s.hit_rate, mb_per_token=s.bytes_read / s.tokens / 1e6,
                    read_ms_per_token=1e3 * s.read_s / s.tokens, syncs_per_token=s.syncs / s.tokens)
-        stream.reader.close()
     return row
 
 
@@ -263,7 +268,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096, help="tokens of real text replayed")
     p.add_argument("--timed-tokens", type=int, default=48, help="tokens decoded in each timed run")
+    p.add_argument("--toy", action="store_true", help="a few tokens and small reads (what the tests run)")
     args = p.parse_args(argv)
+    if args.toy:
+        args.tokens, args.timed_tokens = 256, 4
+    reps, read_experts, read_batch = (1, 3, 2) if args.toy else (5, 12, 8)
 
     from mlx_deepseek import load_model
 
@@ -329,12 +338,12 @@ def main(argv=None) -> int:
           "read ms/token | syncs/token |")
     print("|---|---|---|---|---|---|---|")
     timed = []
-    resident = timed_decode(folder, text[6000:], 64, args.timed_tokens, None, False)
+    resident = timed_decode(folder, text[6000:], 64, args.timed_tokens, None, False, reps)
     for slots in (4, 8, 12):
         budget = (slots + 0.5) * expert_bytes * picks.shape[0] / 1e9
         for cold in (True, False):
             row = {"slots": slots, "page_cache": "dropped every token" if cold else "hot",
-                   **timed_decode(folder, text[6000:], 64, args.timed_tokens, budget, cold)}
+                   **timed_decode(folder, text[6000:], 64, args.timed_tokens, budget, cold, reps)}
             row["vs_resident"] = row["tok_s"] / resident["tok_s"]
             timed.append(row)
             print(f"| {slots} slots, page cache {row['page_cache']} | {row['tok_s']:.1f} | {row['vs_resident']:.2f}x | "
@@ -342,9 +351,9 @@ def main(argv=None) -> int:
                   f"{row['syncs_per_token']:.0f} |")
     print(f"| resident (all 16) | {resident['tok_s']:.1f} | 1.00x | | | | |")
 
-    print(f"\n| read path, R1-sized experts (8 per batch) | page cache | GB/s |")
+    print(f"\n| read path, R1-sized experts ({read_batch} per batch) | page cache | GB/s |")
     print("|---|---|---|")
-    throughput = host_path()
+    throughput = host_path(read_experts, read_batch)
     for r in throughput:
         print(f"| {r['path']} ({r['mb_per_expert']:.1f} MB per expert) | {r['page_cache']} | {r['gb_s']:.2f} |")
 

@@ -99,6 +99,13 @@ def test_streamed_logits_equal_resident(name, slots, checkpoint, quantized_v3):
     assert model.expert_stream.stats.misses > 0
 
 
+def test_a_bfloat16_folder_loaded_as_float32(checkpoint):
+    """Streamed bytes are cast as the resident load casts them (dtype=)."""
+    resident, model = streamed(checkpoint("v3", dtype="bfloat16"), 4, dtype=mx.float32)
+    assert model.layers[1].mlp.switch_mlp.slots.gate_proj.weight.dtype == mx.float32
+    run_both(resident, model, mx.array(tokens(10)), chunks=4, decode_steps=3)
+
+
 def test_quantized_cache_and_batches(quantized_v3):
     resident, model = streamed(quantized_v3, 4, expert_policy="lru")
     run_both(resident, model, mx.array(tokens(12, batch=2)), chunks=5, decode_steps=4, kv_bits=8)
@@ -226,3 +233,17 @@ def test_chat_flag_reports_expert_reads(capsys):
                       "--max-tokens", "6", "--temp", "0"]) == 0
     out = capsys.readouterr().out
     assert "hits" in out and "GB read per token" in out and "syncs per token" in out
+
+
+def test_the_benchmark_runs_at_toy_size(tmp_path, monkeypatch):
+    import json
+
+    from bench import experts_on_disk
+
+    monkeypatch.setenv("MLX_DEEPSEEK_BENCH_RESULTS", str(tmp_path))
+    assert experts_on_disk.main(["--toy"]) == 0
+    result = json.loads((tmp_path / "experts_on_disk.json").read_text())
+    full = [r for r in result["replay"] if r["slots"] == 16]
+    assert all(r["hit_rate"] > 0.9 for r in full) and all(0 < r["hit_rate"] < 1 for r in result["replay"])
+    assert all(r["syncs_per_token"] == 3 for r in result["timed"])
+    assert {r["mac"] for r in result["projection"]} and result["read_path"]
