@@ -16,7 +16,8 @@ reads per token, what it costs here, and a labelled projection for real Macs.
    Prefill: distinct experts per layer per chunk (each read once per chunk) for chunk sizes.
 3. Decode tok/s here, streamed (real reads: page cache dropped before every token, or hot)
    against resident, and the live run's hit rate against the replay's.
-4. The read path's GB/s on R1-sized experts (pread into MLX buffers, and with the slot writes),
+4. Streamed decoding on DeepSeek-V2-Lite's real layer shapes (random weights), against resident.
+   The read path's GB/s on R1-sized experts (pread into MLX buffers, and with the slot writes),
    against a plain memcpy of the same bytes.
 5. A projection for R1 on 192 / 128 GB Macs and V4-Flash on 64 GB (arithmetic, labelled).
 """
@@ -222,6 +223,37 @@ def host_path(experts: int = 12, batch: int = 8, reps: int = 3) -> list[dict]:
     return rows
 
 
+def budget_gb(model, slots: int) -> float:
+    """The expert_memory_gb that gives `slots` experts per streamed layer."""
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.models.moe import RoutedExperts
+
+    layers = [m for p, m in model.named_modules() if isinstance(m, RoutedExperts) and not p.startswith("mtp")]
+    stack = sum(v.nbytes for _, v in tree_flatten(layers[0].parameters()))
+    return (slots + 0.5) * stack / layers[0].gate_proj["weight"].shape[0] * len(layers) / 1e9
+
+
+def shaped_decode(steps: int, reps: int) -> list[dict]:
+    """Streamed decoding on DeepSeek-V2-Lite's real layer shapes (2048 -> 1408 experts, top-6; 2 MoE
+    layers of 16 experts, random weights: routing without locality), 4-bit, real reads."""
+    from bench.common import converted
+    from mlx_deepseek import load_model
+
+    folder = converted("DeepSeek-V2-Lite", 3, 16, 4096, 1)
+    ids = np.random.default_rng(0).integers(0, 4096, 64 + steps)
+    resident = timed_decode(folder, ids, 16, steps, None, False, reps)
+    model = load_model(folder)
+    rows = [{"run": "resident (16 experts)", **resident, "vs_resident": 1.0}]
+    for slots in (8, 12):
+        for cold in (True, False):
+            row = {"run": f"{slots} slots, page cache {'dropped every token' if cold else 'hot'}",
+                   **timed_decode(folder, ids, 16, steps, budget_gb(model, slots), cold, reps)}
+            row["vs_resident"] = row["tok_s"] / resident["tok_s"]
+            rows.append(row)
+    return rows
+
+
 # -- projection for real Macs (arithmetic on the figures above; nothing here ran on a Mac) ----------------
 
 def model_bytes(config: str, expert_bits: float, other_bits: float) -> dict:
@@ -351,6 +383,16 @@ def main(argv=None) -> int:
                   f"{row['syncs_per_token']:.0f} |")
     print(f"| resident (all 16) | {resident['tok_s']:.1f} | 1.00x | | | | |")
 
+    shaped = []
+    if not args.toy:
+        print("\n| decode, V2-Lite layer shapes (16 experts, random routing) | tok/s | vs resident | hit rate | "
+              "MB read/token | read ms/token |")
+        print("|---|---|---|---|---|---|")
+        shaped = shaped_decode(24, reps)
+        for r in shaped:
+            print(f"| {r['run']} | {r['tok_s']:.1f} | {r['vs_resident']:.2f}x | {r.get('hit_rate', 1):.0%} | "
+                  f"{r.get('mb_per_token', 0):.1f} | {r.get('read_ms_per_token', 0):.1f} |")
+
     print(f"\n| read path, R1-sized experts ({read_batch} per batch) | page cache | GB/s |")
     print("|---|---|---|")
     throughput = host_path(read_experts, read_batch)
@@ -367,7 +409,7 @@ def main(argv=None) -> int:
               f"{r['gb_read_per_token']:.2f} | {r['ssd_gb_s']} | {r['tok_s']:.2f} |")
 
     (results_dir() / "experts_on_disk.json").write_text(json.dumps(
-        {"machine": machine(), "replay": table, "guesses": prefetch, "prefetch": prefetched, "prefill": prefill, "read_path": throughput, "timed": timed, "resident": resident,
+        {"machine": machine(), "replay": table, "guesses": prefetch, "prefetch": prefetched, "prefill": prefill, "read_path": throughput, "v2_lite_shaped": shaped, "timed": timed, "resident": resident,
          "projection": projection}, indent=2))
     return 0
 

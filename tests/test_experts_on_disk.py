@@ -247,3 +247,17 @@ def test_the_benchmark_runs_at_toy_size(tmp_path, monkeypatch):
     assert all(r["hit_rate"] > 0.9 for r in full) and all(0 < r["hit_rate"] < 1 for r in result["replay"])
     assert all(r["syncs_per_token"] == 3 for r in result["timed"])
     assert {r["mac"] for r in result["projection"]} and result["read_path"]
+
+
+def test_a_cache_saved_by_the_resident_model_loads_in_the_streamed_one(quantized_v3, tmp_path):
+    from mlx_deepseek.generate import PromptCache, model_fingerprint
+
+    resident, model = streamed(quantized_v3, 4)
+    assert model_fingerprint(model) == model_fingerprint(resident)
+    saved = PromptCache(resident)
+    saved(list(range(3, 15)))
+    saved.save(tmp_path / "c.safetensors")
+    restored = PromptCache(model)
+    restored.load(tmp_path / "c.safetensors")
+    token = mx.array([[7]])
+    assert mx.array_equal(resident(token, saved.cache), model(token, restored.cache)).item()
