@@ -191,8 +191,12 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
     stacks out, the empty slot pools in); None (and nothing changed) when the budget holds them all.
     `model_path` maps a module path of `model` to the full model's (a pipeline stage's layers are
     numbered from 0), which is what the folder and the quantization config name."""
-    layers = [(p, m) for p, m in model.named_modules()
-              if isinstance(m, RoutedExperts) and not p.startswith("mtp") and f"{p}.gate_proj.weight" in weights]
+    routed = [(p, m) for p, m in model.named_modules() if isinstance(m, RoutedExperts) and not p.startswith("mtp")]
+    mixed = [p for p, _ in routed if "expert_bits" in (quant_params(model_path(p)) or {})]
+    if mixed:
+        raise CheckpointError(f"{folder}: {model_path(mixed[0])}: experts at mixed bit widths (expert_bits) "
+                              "cannot be streamed yet")
+    layers = [(p, m) for p, m in routed if f"{p}.gate_proj.weight" in weights]
     if not layers:
         raise CheckpointError(f"{folder}: expert_memory_gb: the model has no routed experts to stream")
     E = layers[0][1].gate_proj["weight"].shape[0]
@@ -224,8 +228,6 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
     disk_bytes = sum(t.nbytes for t in located[first])  # one expert as stored (what a miss reads)
     dtypes = {t: v.dtype for t, v in mem.items()}
     for i, (p, m) in enumerate(layers):
-        if "expert_bits" in (quant_params(model_path(p)) or {}):
-            raise CheckpointError(f"{folder}: {p}: experts at mixed bit widths cannot be streamed yet")
         pool = ExpertPool(E, slots, disk_bytes, stats, policy, (pinned or {}).get(p, ()))
         hidden, dims = m.gate_proj["weight"].shape[1], m.down_proj["weight"].shape[1]
         module = StreamedExperts(dims, hidden, slots, pool, _fetcher(reader, located[p], cast),

@@ -261,3 +261,18 @@ def test_a_cache_saved_by_the_resident_model_loads_in_the_streamed_one(quantized
     restored.load(tmp_path / "c.safetensors")
     token = mx.array([[7]])
     assert mx.array_equal(resident(token, saved.cache), model(token, restored.cache)).item()
+
+
+def test_mixed_precision_experts_are_refused_clearly(checkpoint, tmp_path):
+    import json
+
+    counts = {"model.layers.1.mlp.switch_mlp": [900, 800, 700, 600, 500, 400, 300, 200, 100, 90, 80, 70, 60, 50, 0, 0],
+              "model.layers.2.mlp.switch_mlp": [100] * 16}
+    usage = tmp_path / "usage.json"
+    usage.write_text(json.dumps({"format": "mlx-deepseek expert usage v1", "counts": counts}))
+    src = checkpoint("v3", q_lora_rank=64, qk_nope_head_dim=32, v_head_dim=32)
+    out = tmp_path / "mixed"
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-group-size", "32",
+                         "--expert-usage", str(usage), "--expert-bits", "2,3,4", "--target-bits", "5.0"]) == 0
+    with pytest.raises(CheckpointError, match="mixed bit widths"):
+        load_model(out, expert_memory_gb=0.0001)
