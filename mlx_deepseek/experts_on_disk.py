@@ -17,16 +17,17 @@ experts too). Each streamed layer's `switch_mlp` becomes a `StreamedExperts` who
 per tensor, (S, out, in), is sized from the budget: S = budget / (MoE layers x bytes per expert).
 The router's picks are synchronized to the host once per MoE layer per forward call, `ExpertPool`
 places them (LRU or frequency-aware eviction), `ExpertReader` preads the missing experts from a
-thread pool straight into MLX buffers, and they are written into the slots; the math is the resident one. A budget that holds
-every expert loads them resident instead. Every read batch first checks that its shards are the
-files that were opened (device, inode, size, mtime): a shard replaced or truncated under us is an
-`ExpertFileChanged` naming the file, never garbage output.
+thread pool straight into MLX buffers, and they are written into the slots; the math is the
+resident one. A budget that holds every expert loads them resident instead. Every read batch first
+checks that its shards are the files that were opened (device, inode, size, mtime): a shard
+replaced or truncated under us is an `ExpertFileChanged` naming the file, never garbage output.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class ExpertReader:
             self.identity[file] = _identity(os.fstat(fd))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.bytes_read = 0  # bytes actually read from the shards
+        self._closer = weakref.finalize(self, _close, self.pool, list(self.fds.values()))  # when the model goes
 
     def check(self, files) -> None:
         """Each shard is still the file that was opened, whole and unchanged."""
@@ -124,10 +126,14 @@ class ExpertReader:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        self.pool.shutdown()
-        for fd in self.fds.values():
-            os.close(fd)
+        self._closer()
         self.fds = {}
+
+
+def _close(pool: ThreadPoolExecutor, fds: list[int]) -> None:
+    pool.shutdown(wait=False)
+    for fd in fds:
+        os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple:

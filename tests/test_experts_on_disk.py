@@ -276,3 +276,18 @@ def test_mixed_precision_experts_are_refused_clearly(checkpoint, tmp_path):
                          "--expert-usage", str(usage), "--expert-bits", "2,3,4", "--target-bits", "5.0"]) == 0
     with pytest.raises(CheckpointError, match="mixed bit widths"):
         load_model(out, expert_memory_gb=0.0001)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_shards_are_closed_when_the_model_goes(quantized_v3):
+    import gc
+
+    resident = load_model(quantized_v3)
+    budget = budget_for(resident, 4)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        model = load_model(quantized_v3, expert_memory_gb=budget)
+        model(mx.array(tokens(3)))
+        del model
+        gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
