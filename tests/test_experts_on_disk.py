@@ -291,3 +291,34 @@ def test_shards_are_closed_when_the_model_goes(quantized_v3):
         del model
         gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_server_streams_experts_and_reports_them():
+    """`--expert-memory` on the server (its batched decoding included): the greedy replies of
+    resident experts, and /health says what was read."""
+    import threading
+
+    import httpx2 as httpx
+    from server_helpers import r1_tiny, running_server
+
+    from mlx_deepseek.generate import generate
+
+    folder = r1_tiny()
+    model, tokenizer = load(folder)
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 14)]
+    expected = [generate(model, tokenizer, p, 8, temp=0.0) for p in prompts]
+    with running_server(folder, "--expert-memory", str(budget_for(model, 4))) as url:
+        replies = [None] * len(prompts)
+
+        def ask(i):
+            body = {"prompt": prompts[i], "max_tokens": 8, "temperature": 0}
+            replies[i] = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        health = httpx.get(url + "/health").json()
+    assert replies == expected
+    assert 0 < health["experts"]["hit_rate"] < 1 and health["experts"]["bytes_read"] > 0
