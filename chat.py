@@ -4,6 +4,8 @@
 
 Each turn prefills only what changed since the cache was filled (prompt-prefix reuse), R1-style
 reasoning is shown dimmed under a header (or hidden), and a one-line summary follows each reply.
+`--expert-memory GB` runs a model bigger than memory: its routed experts stay on the SSD, GB of them
+cached (exact; the summary adds the expert hit rate and GB read per token).
 """
 
 from __future__ import annotations
