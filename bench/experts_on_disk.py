@@ -204,7 +204,7 @@ def host_path(experts: int = 12, batch: int = 8, reps: int = 3) -> list[dict]:
                 if what == "pread into MLX buffers":
                     reader.read(located, chosen)
                 else:  # as StreamedExperts._load writes them: one slice update per expert
-                    data = fetch(chosen)
+                    data = fetch(chosen)()
                     for t in located:
                         value = data[".".join(t.name.rsplit(".", 2)[1:])]
                         for i in range(batch):

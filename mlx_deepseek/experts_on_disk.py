@@ -91,7 +91,12 @@ class ExpertReader:
                     "bytes, or replaced or rewritten); reload the model")
 
     def read(self, tensors: list[ExpertTensor], experts: list[int]) -> list[mx.array]:
-        """For each tensor, the experts' bytes as an MLX array (len(experts), *shape) of its dtype.
+        """For each tensor, the experts' bytes as an MLX array (len(experts), *shape) of its dtype."""
+        return self.start(tensors, experts)()
+
+    def start(self, tensors: list[ExpertTensor], experts: list[int]) -> Callable[[], list[mx.array]]:
+        """`read`, started on the thread pool: returns the wait for its arrays (reads overlap
+        whatever the caller computes meanwhile).
 
         The bytes are read straight into a fresh MLX buffer (evaluated, shared with numpy through
         the buffer protocol, referenced by no graph yet), so the only copies are the page cache's
@@ -101,10 +106,13 @@ class ExpertReader:
         mx.eval(staging)
         jobs = [self.pool.submit(self._pread, t.file, t.offsets[e], np.asarray(buf)[i])
                 for t, buf in zip(tensors, staging) for i, e in enumerate(experts)]
-        for job in jobs:
-            job.result()
-        self.bytes_read += sum(buf.nbytes for buf in staging)
-        return [buf.view(MX_DTYPES[t.dtype]).reshape(len(experts), *t.shape) for t, buf in zip(tensors, staging)]
+
+        def wait() -> list[mx.array]:
+            for job in jobs:
+                job.result()
+            self.bytes_read += sum(buf.nbytes for buf in staging)
+            return [buf.view(MX_DTYPES[t.dtype]).reshape(len(experts), *t.shape) for t, buf in zip(tensors, staging)]
+        return wait
 
     def _pread(self, file: Path, offset: int, into: np.ndarray) -> None:
         fd, view, done = self.fds[file], memoryview(into), 0
@@ -251,13 +259,12 @@ def stream_experts(model, folder: Path, weights: dict, budget_gb: float, quant_p
 
 
 def _fetcher(reader: ExpertReader, tensors: list[ExpertTensor], cast) -> Callable:
-    def fetch(experts: list[int]) -> dict[str, mx.array]:
-        out = {}
-        for t, value in zip(tensors, reader.read(tensors, experts)):
-            key = t.name.rsplit(".", 2)
-            key = f"{key[1]}.{key[2]}"
-            out[key] = cast(t.name, value)
-        return out
+    """A layer's `Fetch`: starts the reads, returns the wait for {"gate_proj.weight": (m, ...), ...}."""
+    keys = [".".join(t.name.rsplit(".", 2)[1:]) for t in tensors]
+
+    def fetch(experts: list[int]) -> Callable[[], dict[str, mx.array]]:
+        wait = reader.start(tensors, experts)
+        return lambda: {key: cast(t.name, value) for key, t, value in zip(keys, tensors, wait())}
     return fetch
 
 

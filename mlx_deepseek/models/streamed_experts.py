@@ -9,7 +9,8 @@ are written into the slots, and the picks, remapped to slot indices, go through 
 resident one bit for bit.
 
 A call that needs more experts than there are slots (a long prefill chunk) runs in rounds: each
-round loads its experts and computes only the pairs that belong to them.
+round loads its experts and computes only the pairs that belong to them, while the next round's
+experts are read.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 from .expert_pool import ExpertPool
 from .moe import RoutedExperts, dispatch
 
-# expert ids -> {"gate_proj.weight": (m, ...) array, ...}: the experts' tensors, in the order asked
-Fetch = Callable[[list[int]], dict[str, mx.array]]
+# expert ids -> the wait for {"gate_proj.weight": (m, ...) array, ...}: the experts' tensors in the
+# order asked (the reads run in the background until waited for)
+Fetch = Callable[[list[int]], Callable[[], dict[str, mx.array]]]
 
 
 class StreamedExperts(nn.Module):
@@ -43,13 +45,16 @@ class StreamedExperts(nn.Module):
             stats.tokens += picks.size // picks.shape[-1]
         rounds = self._pool.plan(picks)
         if len(rounds) == 1:
-            self._load(rounds[0].loads)
+            self._install(rounds[0].loads, self._start(rounds[0].loads))
             return dispatch(x, mx.array(rounds[0].slot_of[picks].astype(np.uint32)), self.slots.swiglu)
         k, D = picks.shape[-1], x.shape[-1]
         flat, rows = picks.reshape(-1), x.reshape(-1, D)
         pieces, positions = [], []
-        for r in rounds:
-            self._load(r.loads)
+        pending = self._start(rounds[0].loads)
+        for i, r in enumerate(rounds):
+            self._install(r.loads, pending)
+            # the next round's reads run while this round computes
+            pending = self._start(rounds[i + 1].loads) if i + 1 < len(rounds) else None
             pos = np.flatnonzero(np.isin(flat, r.experts))
             y = dispatch(rows[mx.array(pos // k)], mx.array(r.slot_of[flat[pos]][:, None].astype(np.uint32)),
                          self.slots.swiglu)
@@ -59,11 +64,15 @@ class StreamedExperts(nn.Module):
         order = np.argsort(np.concatenate(positions))
         return mx.concatenate(pieces)[mx.array(order)].reshape(*picks.shape, D)
 
-    def _load(self, loads: list[tuple[int, int]]) -> None:
-        if not loads:
+    def _start(self, loads: list[tuple[int, int]]):
+        return self._fetch([e for e, _ in loads]) if loads else None
+
+    def _install(self, loads: list[tuple[int, int]], pending) -> None:
+        """Wait for the reads of `loads` and write them into their slots."""
+        if pending is None:
             return
         start = time.perf_counter()
-        data = self._fetch([e for e, _ in loads])
+        data = pending()
         self._pool.stats.read_s += time.perf_counter() - start
         for name, value in data.items():
             proj, part = name.split(".")
