@@ -4,6 +4,8 @@
 
 Each turn prefills only what changed since the cache was filled (prompt-prefix reuse), R1-style
 reasoning is shown dimmed under a header (or hidden), and a one-line summary follows each reply.
+`--expert-memory GB` runs a model bigger than memory: its routed experts stay on the SSD, GB of them
+cached (exact; the summary adds the expert hit rate and GB read per token).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-group-size", type=int, default=64, help="quantization group of the latent cache")
     p.add_argument("--quantize", type=int, metavar="BITS",
                    help="quantize a float or block-FP8 checkpoint as it loads (e.g. 4), as the converter would")
+    p.add_argument("--expert-memory", type=float, metavar="GB",
+                   help="models bigger than memory: keep the routed experts in the folder and cache GB of them in "
+                        "memory, read on demand (exact; see README 'Models bigger than memory')")
     p.add_argument("--layers-split", help="under mlx.launch: layers per rank, e.g. 30,31 (default: by bytes)")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's own multi-token-prediction layer (V3, R1, V3.1)")
@@ -125,6 +130,9 @@ class Chat:
         from mlx_deepseek.generate import stream_generate
 
         self.messages.append({"role": "user", "content": user_text})
+        experts = getattr(self.model, "expert_stream", None)
+        if experts is not None:  # the summary shows this reply's expert reads
+            experts.stats.reset()
         tokens, thinking = self.prompt_tokens()
         if len(tokens) + self.args.max_tokens > self.limit:
             self.messages.pop()
@@ -148,7 +156,7 @@ class Chat:
         renderer.close()
         self.messages.append({"role": "assistant", "content": "".join(reply)})
         if self.last:
-            self.out.write(f"{DIM}{summary(self.last)}{RESET}\n")
+            self.out.write(f"{DIM}{summary(self.last, experts and experts.stats)}{RESET}\n")
 
     def command(self, line: str) -> bool:
         """Run a /command; False means exit."""
@@ -180,18 +188,21 @@ class Chat:
             self.messages, self.system = extra.get("messages", []), extra.get("system")
             self.out.write(f"Loaded {len(self.messages)} messages and {len(self.cache.tokens)} cached tokens.\n")
         elif name == "/stats":
-            self.out.write((summary(self.last) if self.last else "No reply yet.") + "\n")
+            experts = getattr(self.model, "expert_stream", None)
+            self.out.write((summary(self.last, experts and experts.stats) if self.last else "No reply yet.") + "\n")
         else:
             self.out.write(HELP + "\n")
         return True
 
 
-def summary(s) -> str:
+def summary(s, experts=None) -> str:
+    """The line after each reply; `experts`: the streamed experts' stats of the turn (--expert-memory)."""
     mtp = (f" | MTP acceptance {s.acceptance:.0%}, {s.generation_tokens / s.main_steps:.2f} tokens per step"
            if s.main_steps else "")
+    streamed = f" | {experts.summary()}" if experts is not None else ""
     return (f"[prompt {s.prompt_tokens} tokens ({s.reused_tokens} reused), {s.prompt_tps:.1f} tok/s | "
             f"reply {s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s{mtp} | "
-            f"latent cache {s.cache_mb:.1f} MB | peak {s.peak_memory_gb:.2f} GB]")
+            f"latent cache {s.cache_mb:.1f} MB | peak {s.peak_memory_gb:.2f} GB{streamed}]")
 
 
 def main(argv=None) -> int:
@@ -214,12 +225,12 @@ def main(argv=None) -> int:
             from mlx_deepseek.pipeline import pipeline
 
             split = [int(n) for n in args.layers_split.split(",")] if args.layers_split else None
-            model, tokenizer = pipeline(folder, layers_split=split, mtp=args.mtp)
+            model, tokenizer = pipeline(folder, layers_split=split, mtp=args.mtp, expert_memory_gb=args.expert_memory)
             if tokenizer is None:
                 model.serve()
                 return 0
         else:
-            model, tokenizer = load(folder, mtp=args.mtp, quantize=args.quantize)
+            model, tokenizer = load(folder, mtp=args.mtp, quantize=args.quantize, expert_memory_gb=args.expert_memory)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -36,7 +36,10 @@ def model_fingerprint(model) -> str:
 
     h = hashlib.sha256(json.dumps(vars(model.args), sort_keys=True, default=str).encode())
     for name, p in tree_flatten(model.parameters()):
-        h.update(f"{name}{p.shape}{p.dtype}".encode())
+        shape = p.shape
+        if ".switch_mlp.slots." in name:  # streamed experts (experts_on_disk): named and sized as resident ones
+            name, shape = name.replace(".slots.", "."), (model.args.n_routed_experts, *shape[1:])
+        h.update(f"{name}{shape}{p.dtype}".encode())
         if p.ndim == 1 and name.endswith("norm.weight"):
             h.update(np.array(p.astype(mx.float32)).tobytes())
     return h.hexdigest()[:32]

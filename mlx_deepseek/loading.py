@@ -294,21 +294,47 @@ def quantization_of(config: dict, args: ModelArgs):
 
 
 def load_model(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
-               quantize: Optional[int] = None, group_size: int = 64):
+               quantize: Optional[int] = None, group_size: int = 64, expert_memory_gb: Optional[float] = None,
+               expert_policy: str = "lfu"):
     """Build the model of a folder. `dtype` casts floating weights (routing tensors stay float32).
 
     `mtp=True` also loads the multi-token-prediction layer (an error if the checkpoint has none).
     `quantize=BITS` quantizes a float or block-FP8 checkpoint as it loads (affine, `group_size`),
     exactly as `python -m convert -q --q-bits BITS` would; block-FP8 loads without it too.
+    `expert_memory_gb=N`: the routed experts stay in the folder and are read on demand into N GB of
+    expert slots (`experts_on_disk`; `expert_policy` "lfu", the measured best, or "lru"); `model.expert_stream.stats`
+    counts hits and bytes read. A budget that holds every expert loads them as usual.
     """
     folder = resolve_model_path(path_or_repo)
     args, defaults, quant_params, weights = read_model_folder(folder, mtp, quantize, group_size, dtype)
     model = model_class(args)(args, mtp=mtp)
+    stream = None
+    if expert_memory_gb is not None:
+        stream = _stream_experts(model, folder, weights, args, expert_memory_gb, expert_policy, quant_params,
+                                 dtype, quantize)
     install_weights(model, {k: cast_weight(k, v, dtype) for k, v in weights.items()}, defaults, quant_params, folder)
+    if stream is not None:
+        model.expert_stream = stream
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _stream_experts(model, folder: Path, weights: dict, args, budget_gb: float, policy: str, quant_params,
+                    dtype, quantize):
+    from .experts_on_disk import stream_experts
+
+    if not budget_gb > 0:
+        raise ValueError(f"expert_memory_gb={budget_gb!r}: expected a positive number of GB")
+    if quantize is not None or is_block_fp8(read_config(folder)) or only_torch_bin(folder):
+        raise CheckpointError(f"{folder}: expert_memory_gb streams experts as stored, so it needs a converted "
+                              "(or float safetensors) folder: python -m convert --hf-path ... --mlx-path ... -q")
+    try:
+        return stream_experts(model, folder, weights, budget_gb, quant_params, lambda k, v: cast_weight(k, v, dtype),
+                              policy)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}" if str(folder) not in str(e) else str(e)) from None
 
 
 def read_model_folder(folder: Path, mtp: bool = False, quantize: Optional[int] = None, group_size: int = 64,
@@ -413,11 +439,13 @@ def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.arr
 
 
 def load(path_or_repo, lazy: bool = False, dtype: Optional[mx.Dtype] = None, mtp: bool = False,
-         quantize: Optional[int] = None, group_size: int = 64):
+         quantize: Optional[int] = None, group_size: int = 64, expert_memory_gb: Optional[float] = None,
+         expert_policy: str = "lfu"):
     """(model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper with its streaming detokenizer.
-    `quantize=BITS`: quantize on load (see `load_model`)."""
+    `quantize=BITS`: quantize on load; `expert_memory_gb=N`: routed experts streamed from disk (see `load_model`)."""
     folder = resolve_model_path(path_or_repo)
-    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp, quantize=quantize, group_size=group_size)
+    model = load_model(folder, lazy=lazy, dtype=dtype, mtp=mtp, quantize=quantize, group_size=group_size,
+                       expert_memory_gb=expert_memory_gb, expert_policy=expert_policy)
     return model, load_tokenizer(folder)
 
 

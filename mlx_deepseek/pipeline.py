@@ -161,9 +161,10 @@ def model_name(local: str, span: range, v4: bool = False) -> str:
     return local if v4 or local.startswith(("lm_head", "mtp.")) else "model." + local
 
 
-def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stage:
+def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False, expert_memory_gb=None) -> Stage:
     """Build a stage and read only its own tensors (the others are never loaded). With `mtp`,
-    rank 0's stage also holds the MTP layer."""
+    rank 0's stage also holds the MTP layer. `expert_memory_gb`: this rank's routed experts are
+    streamed from its folder into that budget (`experts_on_disk`; `stage.expert_stream`)."""
     mtp = mtp and span.start == 0
     if is_block_fp8(read_config(folder)) or only_torch_bin(folder):  # they would be read whole on every rank
         raise CheckpointError(f"{folder}: block-FP8 and .bin checkpoints load directly in one process only; "
@@ -175,8 +176,16 @@ def load_stage(folder: Path, span: range, dtype=None, mtp: bool = False) -> Stag
         if local is not None:
             weights[local] = cast_weight(name, value, dtype)
     stage = Stage(args, span, ends=span.start == 0, mtp=mtp)
+    stream = None
+    if expert_memory_gb is not None:
+        from .experts_on_disk import stream_experts
+
+        stream = stream_experts(stage, folder, weights, expert_memory_gb, quant_params,
+                                lambda k, v: cast_weight(k, v, dtype), model_path=lambda p: model_name(p, span, stage.v4))
     install_weights(stage, weights, defaults, quant_params, folder, lambda p: model_name(p, span, stage.v4))
     mx.eval(stage.parameters())
+    if stream is not None:
+        stage.expert_stream = stream
     return stage
 
 
@@ -364,10 +373,11 @@ def folder_fingerprint(folder: Path) -> int:
 
 
 def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout: float = 300.0, group=None,
-             mtp: bool = False):
+             mtp: bool = False, expert_memory_gb: Optional[float] = None):
     """Call on every rank of an `mlx.launch` job. Rank 0 gets (PipelineModel, tokenizer); the other
     ranks get (Worker, None) and call `worker.serve()`, which returns when rank 0 calls `model.stop()`.
-    `mtp=True` loads the MTP layer on rank 0 for speculative decoding across the pipeline."""
+    `mtp=True` loads the MTP layer on rank 0 for speculative decoding across the pipeline.
+    `expert_memory_gb`: each rank streams its own routed experts within that budget (see `load`)."""
     group = group or mx.distributed.init()
     folder = resolve_model_path(path_or_repo)
     mine = folder_fingerprint(folder)
@@ -380,7 +390,10 @@ def pipeline(path_or_repo, layers_split: Optional[Sequence[int]] = None, timeout
     args = args_from_config(read_config(folder))
     per_layer, rest = layer_bytes(folder, args)
     spans = split_layers(per_layer, rest, group.size(), layers_split)
-    stage = load_stage(folder, spans[group.rank()], mtp=mtp)
+    stage = load_stage(folder, spans[group.rank()], mtp=mtp, expert_memory_gb=expert_memory_gb)
     if group.rank() != 0:
         return Worker(stage, group, timeout), None
-    return PipelineModel(stage, group, spans, timeout), load_tokenizer(folder)
+    model = PipelineModel(stage, group, spans, timeout)
+    if hasattr(stage, "expert_stream"):  # rank 0's counters, for the chat summary
+        model.expert_stream = stage.expert_stream
+    return model, load_tokenizer(folder)

@@ -17,10 +17,12 @@ folder, out = sys.argv[1], sys.argv[2]
 mtp = "--mtp" in sys.argv
 kv_bits = 4 if "--kv-bits-4" in sys.argv else None
 eos_off = "--no-eos" in sys.argv  # random weights: never stop early
-model, tokenizer = pipeline(folder, timeout=60, mtp=mtp)
+budget = float(sys.argv[sys.argv.index("--expert-memory") + 1]) if "--expert-memory" in sys.argv else None
+model, tokenizer = pipeline(folder, timeout=60, mtp=mtp, expert_memory_gb=budget)
 stage = model.stage
 report = {"rank": mx.distributed.init().rank(), "layers": [stage.span.start, stage.span.stop],
           "bytes": sum(v.nbytes for _, v in tree_flatten(stage.parameters()))}
+streamed = getattr(stage, "expert_stream", None)
 if tokenizer is None:
     model.serve()
 else:
@@ -35,5 +37,7 @@ else:
     report.update(first=[r.token for r in first], second=[r.token for r in turn], reused=turn[-1].stats.reused_tokens,
                   main_steps=turn[-1].stats.main_steps)
     model.stop()
+if streamed is not None:  # each rank's own expert reads
+    report["experts"] = {"slots": streamed.slots, "picks": streamed.stats.picks, "misses": streamed.stats.misses}
 with open(f"{out}.rank{report['rank']}.json", "w") as f:
     json.dump(report, f)

@@ -103,6 +103,21 @@ def test_a_quantized_cache_across_the_pipeline_equals_one_process(checkpoint, tm
     assert [r0["first"], r0["second"]] == list(two_turns(*load(folder), kv_bits=4, kv_group_size=32))
 
 
+def test_streamed_experts_across_the_pipeline_equal_one_process(checkpoint, tmp_path):
+    """Each rank streams its own layers' experts within its own budget: room for 9 experts, shared
+    by the rank's MoE layers (layer 0 is dense)."""
+    folder = checkpoint("v3", num_hidden_layers=4)
+    model, tokenizer = load(folder)
+    per_expert = 3 * 64 * 32 * 4  # three float32 (32 x 64) matrices
+    r0 = launch(folder, tmp_path / "s", "--expert-memory", 9.5 * per_expert / 1e9, port=5670)
+    r1 = json.loads((tmp_path / "s.rank1.json").read_text())
+    assert [r0["first"], r0["second"]] == list(two_turns(model, tokenizer))
+    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([PROMPT])))) < 1e-5
+    for r in (r0, r1):
+        moe_layers = len([i for i in range(*r["layers"]) if i >= 1])
+        assert r["experts"]["slots"] == 9 // moe_layers < 16 and r["experts"]["misses"] > 0
+
+
 def test_split_by_bytes_and_by_count():
     assert [list(r) for r in split_layers([10, 10, 10, 10], 0, 2)] == [[0, 1], [2, 3]]
     assert [list(r) for r in split_layers([1, 30, 30, 30], 40, 2)] == [[0, 1], [2, 3]]

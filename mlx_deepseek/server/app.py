@@ -80,6 +80,7 @@ class Server:
         self.sampling = {"temp": 0.6, "top_p": 0.95}
         self.load_error: Optional[str] = None
         self.vocab = None
+        self.expert_stats = None  # with --expert-memory: the streamed experts' counters (ExpertStats)
 
     @property
     def ready(self) -> bool:
@@ -506,7 +507,10 @@ def build_app(server: Server) -> Starlette:
         store = server.scheduler.store
         return JSONResponse({"status": "ok", "model": server.model_id, **server.scheduler.load,
                              "cache": {"entries": len(store), "bytes": store.nbytes, "budget_bytes": store.budget,
-                                       "lookups": store.lookups, "hits": store.hits}})
+                                       "lookups": store.lookups, "hits": store.hits},
+                             **({"experts": {"hit_rate": server.expert_stats.hit_rate, "bytes_read": server.expert_stats.bytes_read,
+                                             "gb_per_token": server.expert_stats.gb_per_token}}
+                                if server.expert_stats is not None else {})})
 
     async def page(request):
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})

@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--no-warm-history", dest="warm_history", action="store_false",
                    help="do not prefill a finished reply's conversation as the template re-renders it (by default "
                         "it is, so the next turn prefills only its new message)")
+    p.add_argument("--expert-memory", type=float, metavar="GB",
+                   help="routed experts stay on disk, GB of them cached in memory (models bigger than memory)")
     p.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive comment interval while waiting")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
@@ -52,7 +54,8 @@ def load_into(server, args) -> None:
         from .scheduler import Scheduler, prompt_cache_factory
 
         folder = resolve_model_path(args.model)
-        model, tokenizer = load(folder, mtp=args.mtp)
+        model, tokenizer = load(folder, mtp=args.mtp, expert_memory_gb=args.expert_memory)
+        server.expert_stats = model.expert_stream.stats if hasattr(model, "expert_stream") else None
         server.model_type = model.model_type
         defaults = sampling_defaults(folder)
         server.sampling = {"temp": args.temp if args.temp is not None else defaults["temp"],
