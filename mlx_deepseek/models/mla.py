@@ -117,9 +117,11 @@ class MLA(nn.Module):
     # The decompressed path expands `block_tokens` cached tokens at a time, so its transient per
     # layer is at most about DECOMPRESS_BUDGET bytes, whatever the history's length.
     DECOMPRESS_BUDGET = 256 * 2**20
-    # What one multiply-add of the expansion (key_up/value_up over cached latents) costs relative to
-    # one of attention: measured, see `python -m bench.chunk_attention` and the README.
-    EXPANSION_WEIGHT = 1.0
+    # What one multiply-add of the expansion (key_up/value_up over cached latents, a 4-bit matmul)
+    # costs relative to one of attention. Measured with `python -m bench.chunk_attention` (README,
+    # "Chunks on a long cache"): absorbing wins up to ~300-token chunks on 4k-16k caches, not the
+    # ~170 a plain MAC count gives; 2.0 puts the crossover there (256 absorbs, 512 decompresses).
+    EXPANSION_WEIGHT = 2.0
 
     def absorbs(self, L: int, T: int) -> bool:
         """True when attending on latents is cheaper than decompressing them: multiply-adds per head
