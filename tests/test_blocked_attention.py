@@ -79,3 +79,22 @@ def test_peak_memory_is_one_block_not_the_history():
         mx.eval(layer._attend_decompressed(q_nope, q_pe, latent, k_pe, None, block=block))
         peaks[block] = (mx.get_peak_memory() - base) / 2**20
     assert peaks[4096] > 10 and peaks[256] < 5, peaks
+
+
+def test_model_with_blocked_decompression_equals_absorbed(checkpoint, monkeypatch):
+    """The whole model on a cache: a 100-token chunk on 300 cached tokens, decompressed in 256-token
+    blocks (a partial last block, causal), equals the absorbed path."""
+    from conftest import rel_err, tokens
+
+    from mlx_deepseek import load_model
+
+    model = load_model(checkpoint("v3"))
+    toks = tokens(400, seed=11)
+    monkeypatch.setattr(MLA, "DECOMPRESS_BUDGET", 1)  # the 256-token minimum block
+    results = {}
+    for absorb in (True, False):
+        monkeypatch.setattr(MLA, "absorbs", lambda self, L, T, a=absorb: a)
+        cache = model.make_cache()
+        model(mx.array(toks[:, :300]), cache=cache)
+        results[absorb] = np.array(model(mx.array(toks[:, 300:]), cache=cache))
+    assert rel_err(results[False], results[True]) < 1e-5
