@@ -10,10 +10,13 @@ score(q, t) = q_nope . (key_up c_t) + q_pe . k_pe_t    and    out = value_up (su
 Two ways to evaluate the same thing:
 - absorbed: move key_up onto the query (q_nope key_up, width R) and value_up after the weighted
   sum, so attention runs on the latents directly. Work grows with L * T * 2R.
-- decompressed: expand every cached latent into per-head keys and values first. Costs
-  T * R * (nope + v) up front, then L * T * (nope + v).
-`MLA.absorbs(L, T)` picks the cheaper one; decode (L = 1) always absorbs for T > 1. In both the
-RoPE term is computed once and handed to attention as an additive mask, together with causality.
+- decompressed: expand the cached latents into per-head keys [key_up c, k_pe] and values first.
+  Costs T * R * (nope + v) up front, then L * T * (nope + rope + v). The history is expanded
+  `block_tokens` at a time with an online softmax across blocks, so the transient is one block of
+  keys, values and scores (at most `DECOMPRESS_BUDGET` bytes), not the whole history x heads.
+`MLA.absorbs(L, T)` picks the cheaper one; decode (L = 1) always absorbs for T > 1. The absorbed
+path hands the RoPE term to attention as an additive mask (with causality); the decompressed one
+concatenates it onto the keys and masks with booleans.
 """
 
 from __future__ import annotations
@@ -57,8 +60,35 @@ class QuantizedHeadProjection(QuantizedWeights):
 
 def causal_mask(queries: int, keys: int) -> mx.array:
     """(L, T) boolean: the L new tokens are the last L of the T keys."""
-    rows = mx.arange(keys - queries, keys)[:, None]
-    return mx.arange(keys)[None] <= rows
+    return visible(queries, keys, 0, keys)
+
+
+def visible(queries: int, keys: int, start: int, stop: int, key_mask=None):
+    """Which of keys start..stop each of the L new tokens (the last L of T) may see: boolean
+    (L, stop - start), or (B, 1, L | 1, stop - start) with a batch key mask (B, T); None when all."""
+    mask = None
+    if queries > 1:
+        rows = mx.arange(keys - queries, keys)[:, None]
+        mask = mx.arange(start, stop)[None] <= rows
+    if key_mask is not None:
+        keep = key_mask[:, None, None, start:stop]
+        mask = keep if mask is None else mx.logical_and(mask, keep)
+    return mask
+
+
+def online_softmax_step(state, scores: mx.array, values: mx.array):
+    """Fold one key block into a softmax-weighted sum across blocks (flash-style). `state` is
+    (running max, running normalizer, running weighted sum), all float32, or None before the first."""
+    scores = scores.astype(mx.float32)
+    block_max = scores.max(axis=-1, keepdims=True)
+    m = block_max if state is None else mx.maximum(state[0], block_max)
+    p = mx.exp(scores - m)
+    norm = p.sum(axis=-1, keepdims=True)
+    acc = (p.astype(values.dtype) @ values).astype(mx.float32)
+    if state is not None:
+        carry = mx.exp(state[0] - m)
+        norm, acc = state[1] * carry + norm, state[2] * carry + acc
+    return m, norm, acc
 
 
 class MLA(nn.Module):
@@ -84,12 +114,29 @@ class MLA(nn.Module):
         self.rope = RoPE(self.rope_dim, args.rope_theta, args.rope_scaling)
         self.scale = softmax_scale(args.qk_head_dim, args.rope_scaling)
 
+    # The decompressed path expands `block_tokens` cached tokens at a time, so its transient per
+    # layer is at most about DECOMPRESS_BUDGET bytes, whatever the history's length.
+    DECOMPRESS_BUDGET = 256 * 2**20
+    # What one multiply-add of the expansion (key_up/value_up over cached latents, a 4-bit matmul)
+    # costs relative to one of attention. Measured with `python -m bench.chunk_attention` (README,
+    # "Chunks on a long cache"): absorbing wins up to ~300-token chunks on 4k-16k caches, not the
+    # ~170 a plain MAC count gives; 2.0 puts the crossover there (256 absorbs, 512 decompresses).
+    EXPANSION_WEIGHT = 2.0
+
     def absorbs(self, L: int, T: int) -> bool:
-        """True when attending on latents is cheaper (in multiply-adds) than decompressing them."""
-        R, up = self.rank, self.nope + self.v_dim
-        absorbed = L * R * up + L * T * 2 * R
-        decompressed = T * R * up + L * T * up
+        """True when attending on latents is cheaper than decompressing them: multiply-adds per head
+        (the RoPE term on both sides), the expansion's weighted by EXPANSION_WEIGHT."""
+        R, up, rope = self.rank, self.nope + self.v_dim, self.rope_dim
+        absorbed = L * R * up + L * T * (2 * R + rope)
+        decompressed = self.EXPANSION_WEIGHT * T * R * up + L * T * (up + rope)
         return absorbed <= decompressed
+
+    def block_tokens(self, B: int, L: int, itemsize: int) -> int:
+        """Cached tokens expanded at once on the decompressed path. Each token of a block holds
+        B * H * (nope + rope + v) expanded values and B * H * L float32 scores, so one block is at
+        most DECOMPRESS_BUDGET bytes (a multiple of 256 tokens, at least 256)."""
+        per_token = B * self.heads * ((self.nope + self.rope_dim + self.v_dim) * itemsize + 4 * L)
+        return max(256, self.DECOMPRESS_BUDGET // per_token // 256 * 256)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -110,23 +157,14 @@ class MLA(nn.Module):
             latent, k_pe = cache.update_and_fetch(latent, k_pe)
         T = k_pe.shape[2]
 
-        bias = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)  # (B, H, L, T)
-        if L > 1:
-            bias = mx.where(causal_mask(L, T), bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
-        if hasattr(cache, "key_mask"):  # a batch of sequences of different lengths, right-padded
-            bias = mx.where(cache.key_mask()[:, None, None], bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
-
+        key_mask = cache.key_mask() if hasattr(cache, "key_mask") else None  # (B, T): a right-padded batch
         if isinstance(latent, tuple):  # a quantized cache: attend on the quantized latents as stored
+            bias = self._rope_bias(q_pe, k_pe, L, T, key_mask)
             out = self.value_up(self._attend_quantized(self.key_up.t(q_nope), latent, bias, cache))
         elif self.absorbs(L, T):
-            q_latent = self.key_up.t(q_nope)  # (B, H, L, R)
-            out = mx.fast.scaled_dot_product_attention(
-                q_latent, latent, latent, scale=self.scale, mask=bias
-            )
-            out = self.value_up(out)
+            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, key_mask)
         else:
-            keys, values = self.key_up(latent), self.value_up(latent)  # (B, H, T, .)
-            out = mx.fast.scaled_dot_product_attention(q_nope, keys, values, scale=self.scale, mask=bias)
+            out = self._attend_decompressed(q_nope, q_pe, latent, k_pe, key_mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _attend_quantized(self, q_latent: mx.array, latent: tuple, bias: mx.array, cache) -> mx.array:
@@ -140,3 +178,51 @@ class MLA(nn.Module):
         p = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q_latent.dtype)
         out = mx.quantized_matmul(p.reshape(B, 1, H * L, T), *latent, transpose=False, **quant)
         return out.reshape(B, H, L, R)
+
+    def _rope_bias(self, q_pe, k_pe, L: int, T: int, key_mask) -> mx.array:
+        """The RoPE term of the scores, masked keys at the dtype's minimum: (B, H, L, T)."""
+        bias = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
+        mask = visible(L, T, 0, T, key_mask)
+        if mask is not None:
+            bias = mx.where(mask, bias, mx.array(mx.finfo(bias.dtype).min, bias.dtype))
+        return bias
+
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, key_mask) -> mx.array:
+        """Attention on the latents (B, 1, T, R): key_up moves onto the query, value_up after the sum."""
+        L, T = q_nope.shape[2], latent.shape[2]
+        bias = self._rope_bias(q_pe, k_pe, L, T, key_mask)
+        out = mx.fast.scaled_dot_product_attention(self.key_up.t(q_nope), latent, latent, scale=self.scale, mask=bias)
+        return self.value_up(out)
+
+    def _attend_decompressed(self, q_nope, q_pe, latent, k_pe, key_mask, block: int | None = None) -> mx.array:
+        """Per-head keys [key_up c_t, k_pe_t] and values value_up c_t, expanded `block` cached tokens
+        at a time (default `block_tokens`). One block: one SDPA with the RoPE key concatenated onto
+        the keys, as mlx-lm does, and a boolean mask (no (B, H, L, T) additive one). More blocks: an
+        online softmax across them, so the transient is one block of expanded keys, values and scores
+        (<= DECOMPRESS_BUDGET bytes), never the whole history x heads."""
+        B, H, L, _ = q_nope.shape
+        T = latent.shape[2]
+        block = block or self.block_tokens(B, L, latent.dtype.size)
+        queries = mx.concatenate([q_nope, q_pe], axis=-1)
+
+        def keys_values(start, stop):
+            c = latent[..., start:stop, :]
+            pe = mx.broadcast_to(k_pe[..., start:stop, :], (B, H, stop - start, self.rope_dim))
+            return mx.concatenate([self.key_up(c), pe], axis=-1), self.value_up(c)
+
+        if T <= block:
+            keys, values = keys_values(0, T)
+            return mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=self.scale, mask=visible(L, T, 0, T, key_mask))
+        queries = queries * self.scale
+        state = None
+        for start in range(0, T, block):
+            stop = min(start + block, T)
+            keys, values = keys_values(start, stop)
+            scores = queries @ keys.swapaxes(-1, -2)  # (B, H, L, stop - start)
+            mask = visible(L, T, start, stop, key_mask)
+            if mask is not None:
+                scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+            state = online_softmax_step(state, scores, values)
+        _, norm, acc = state
+        return (acc / norm).astype(q_nope.dtype)
