@@ -43,6 +43,9 @@ VARIANTS = {
     # plain RoPE (rope_scaling null) and tied embeddings, as some fine-tunes ship
     "v3_plain": dict(model_type="deepseek_v3", q_lora_rank=48, n_routed_experts=8, n_group=1, topk_group=1,
                      routed_scaling_factor=1.0, norm_topk_prob=True, rope_scaling=None, tie_word_embeddings=True),
+    # V3.2: V3 plus the lightning indexer, top-16 (contexts of hundreds of tokens are far past it)
+    "v32": dict(model_type="deepseek_v32", q_lora_rank=48, n_routed_experts=16, n_group=4, topk_group=2,
+                routed_scaling_factor=2.5, norm_topk_prob=True, index_n_heads=16, index_head_dim=32, index_topk=16),
 }
 
 
@@ -76,8 +79,10 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
     s = dict(s)
     keep_rope_parameters = s.pop("keep_rope_parameters", False)
     family = s["model_type"]
-    cls_cfg = transformers.DeepseekV2Config if family == "deepseek_v2" else transformers.DeepseekV3Config
-    cls_model = transformers.DeepseekV2ForCausalLM if family == "deepseek_v2" else transformers.DeepseekV3ForCausalLM
+    name = {"deepseek_v2": "DeepseekV2", "deepseek_v32": "DeepseekV32"}.get(family, "DeepseekV3")
+    cls_cfg, cls_model = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    if family == "deepseek_v32":  # its config has no router switches: V3's sigmoid noaux_tc is built in
+        s = {k: v for k, v in s.items() if k not in ("topk_method", "scoring_func")}
     published = {k: s[k] for k in ("rope_theta", "rope_scaling")}
     cfg = cls_cfg(**{k: v for k, v in s.items() if k != "model_type"})
     torch.manual_seed(0)
@@ -89,6 +94,8 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.3 * torch.randn_like(b))
+        if family == "deepseek_v32":
+            tie_free_indexer(model)
     model.to(getattr(torch, dtype)).save_pretrained(folder)
     if not keep_rope_parameters:
         # DeepSeek's published configs say rope_theta / rope_scaling; transformers 5 writes rope_parameters.
@@ -97,6 +104,22 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
         config.update(published)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(folder, s["vocab_size"])
+
+
+def tie_free_indexer(model) -> None:
+    """Random indexers score many keys exactly 0 (every head's ReLU(q . k) is 0), and top-k breaks
+    such ties by implementation detail. A key norm bias far from zero makes q_h . k_s share the sign
+    of q_h . bias over most keys s, so a query sees positive, distinct scores from about half its
+    heads; the tests also check the top-k margin on the reference side (`indexer_margins`)."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("indexer.k_norm.bias"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+            elif name.endswith("indexer.k_norm.weight"):
+                p.copy_(0.3 + 0.1 * torch.randn(p.shape, generator=g))
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:

@@ -1,0 +1,201 @@
+"""DeepSeek-V3.2 (sparse attention) against transformers' DeepseekV32ForCausalLM on the same weights.
+
+The fixture's index_topk is 16, so contexts of hundreds of tokens are far past the boundary; YaRN's
+original context is 32 tokens. Indexer weights are set so that top-k has no ties (checkpoints.tie_free_indexer),
+and `test_reference_top_k_has_no_ties` checks that on the reference side.
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, reference_logits, rel_err, tokens
+
+from mlx_deepseek import load_model
+from mlx_deepseek.models import args_from_config
+from mlx_deepseek.models.cache import LatentCache, QuantizedLatentCache, latent_bytes_per_token
+from mlx_deepseek.models.config import ConfigError, ModelArgs
+
+
+@pytest.fixture(scope="module")
+def folder(checkpoint):
+    return checkpoint("v32")
+
+
+@pytest.fixture(scope="module")
+def long_reference(folder, reference):
+    toks = tokens(640, seed=1)
+    return toks, reference_logits(reference(folder), toks)
+
+
+def test_published_config_loads():
+    config = json.loads((SHARED / "configs" / "DeepSeek-V3.2.json").read_text())
+    args = args_from_config(config)
+    assert (args.index_n_heads, args.index_head_dim, args.index_topk) == (64, 128, 2048)
+    assert args.sparse and args.family == "deepseek_v3" and args.topk_method == "noaux_tc"
+    # 512 latent + 64 RoPE key + 128 indexer key values per token and layer
+    assert latent_bytes_per_token(args, mx.bfloat16) == (512 + 64 + 128) * 2
+    assert latent_bytes_per_token(args, mx.bfloat16, bits=8) == 512 + 2 * 8 * 2 + 64 * 2 + 128 * 2
+
+
+def test_config_needs_the_indexer_fields():
+    config = json.loads((SHARED / "configs" / "DeepSeek-V3.2.json").read_text())
+    del config["index_topk"]
+    with pytest.raises(ConfigError, match="index_topk"):
+        ModelArgs.from_dict(config)
+    config.update(index_topk=2048, index_head_dim=32)
+    with pytest.raises(ConfigError, match="index_head_dim"):
+        ModelArgs.from_dict(config)
+    v3 = json.loads((SHARED / "configs" / "DeepSeek-V3.json").read_text())
+    assert not ModelArgs.from_dict({**v3, "index_topk": 2048}).sparse  # only deepseek_v32 is sparse
+
+
+def test_reference_top_k_has_no_ties(folder, reference):
+    """On the reference's own scores: the 16th and 17th best keys of every row differ clearly."""
+    toks = tokens(640, seed=1)
+    scores = []
+    original = torch.Tensor.topk
+
+    def capture(self, k, *args, **kwargs):
+        if self.ndim == 3 and self.shape[-1] == 640:
+            scores.append(self[0].numpy().copy())
+        return original(self, k, *args, **kwargs)
+
+    torch.Tensor.topk = capture
+    try:
+        reference_logits(reference(folder), toks)
+    finally:
+        torch.Tensor.topk = original
+    assert len(scores) == 3
+    for s in scores:
+        for t in range(16, 640):
+            best = np.sort(s[t, : t + 1])[::-1]
+            assert best[15] - best[16] > 1e-6 * np.abs(best).max(), t
+
+
+def test_long_prefill_matches_transformers(folder, long_reference):
+    toks, ref = long_reference
+    ours = np.array(load_model(folder)(mx.array(toks)))
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_cached_decode_far_past_the_boundary(folder, long_reference):
+    """A dense-size prompt (12 tokens), then one token at a time up to 640: crosses index_topk and
+    runs 40x past it; YaRN's original context (32) is passed 20 times."""
+    toks, ref = long_reference
+    model = load_model(folder)
+    cache = model.make_cache()
+    out = [np.array(model(mx.array(toks[:, :12]), cache=cache))]
+    for i in range(12, 640):
+        out.append(np.array(model(mx.array(toks[:, i : i + 1]), cache=cache)))
+    assert rel_err(np.concatenate(out, axis=1), ref) < 1e-4
+    assert cache[0].offset == 640
+
+
+@pytest.mark.parametrize("chunks", [[10, 13, 300, 317], [16, 1, 1, 622], [600, 40]])
+def test_chunked_prefill_straddling_the_boundary(folder, long_reference, chunks):
+    toks, ref = long_reference
+    model = load_model(folder)
+    cache = model.make_cache()
+    out, at = [], 0
+    for n in chunks:
+        out.append(np.array(model(mx.array(toks[:, at : at + n]), cache=cache)))
+        at += n
+    assert rel_err(np.concatenate(out, axis=1), ref) < 1e-4
+
+
+def test_greedy_continuation_matches_transformers_generate(folder, reference):
+    """A 40-token prompt (past the boundary) and 64 greedy tokens, transformers' generate vs ours."""
+    prompt = tokens(40, seed=2)
+    with torch.no_grad():
+        expected = reference(folder).generate(
+            torch.tensor(prompt), max_new_tokens=64, do_sample=False, min_new_tokens=64
+        )[0, 40:].tolist()
+    model = load_model(folder)
+    cache = model.make_cache()
+    logits = model(mx.array(prompt), cache=cache)
+    got = []
+    for _ in range(64):
+        got.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = model(mx.array([[got[-1]]]), cache=cache)
+    assert got == expected
+
+
+def test_decode_reads_at_most_index_topk_rows(folder, monkeypatch):
+    """Decode at 600 cached tokens: the indexer chooses 16 rows per layer and attention gets just those."""
+    from mlx_deepseek.models import sparse
+
+    model = load_model(folder)
+    cache = model.make_cache()
+    model(mx.array(tokens(600, seed=4)), cache=cache)
+    gathered = []
+    original = sparse.gather_rows
+    monkeypatch.setattr(sparse, "gather_rows", lambda a, c: gathered.append(original(a, c)) or gathered[-1])
+    model(mx.array([[5]]), cache=cache)
+    assert gathered and all(g.shape[:3] == (1, 1, 16) for g in gathered)
+
+
+def test_indexer_rope_layout_matters(folder, long_reference, monkeypatch):
+    """mlx-lm #1431: the indexer rotating interleaved pairs (MLA's layout) instead of halves. The
+    same weights with the layouts swapped select other tokens past the boundary: logits depart."""
+    from mlx_deepseek.models.indexer import Indexer
+
+    toks, ref = long_reference
+    model = load_model(folder)
+    for layer in model.layers:
+        layer.self_attn.indexer.rope.interleaved = True
+    swapped = np.array(model(mx.array(toks)))
+    assert rel_err(swapped[:, :16], ref[:, :16]) < 1e-4  # dense below the boundary: the same
+    assert rel_err(swapped, ref) > 1e-2
+    assert isinstance(model.layers[0].self_attn.indexer, Indexer)
+
+
+def test_cache_holds_indexer_keys_trims_and_counts_bytes(folder, long_reference):
+    toks, ref = long_reference
+    model = load_model(folder)
+    args = model.args
+    cache = model.make_cache()
+    model(mx.array(toks[:, :300]), cache=cache)
+    c = cache[0]
+    assert len(c.state) == 3 and c.state[2].shape == (1, 1, 300, args.index_head_dim)
+    assert c.nbytes == c.capacity * latent_bytes_per_token(args, mx.float32)
+    # rewind 50 tokens and take another path back to 640: still the reference
+    for layer_cache in cache:
+        assert layer_cache.trim(50) == 50
+    out = np.array(model(mx.array(toks[:, 250:640]), cache=cache))
+    assert rel_err(out, ref[:, 250:640]) < 1e-4
+
+
+class RoundedLatentCache(LatentCache):
+    """A plain cache of the latents a quantized cache would hold (quantized, then dequantized)."""
+
+    def __init__(self, bits):
+        super().__init__()
+        self.bits = bits
+
+    def update_and_fetch(self, latent, rope_key, *index_key):
+        rounded = mx.dequantize(*mx.quantize(latent, 32, self.bits), group_size=32, bits=self.bits)
+        return super().update_and_fetch(rounded, rope_key, *index_key)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_latent_cache(folder, bits):
+    """--kv-bits on V3.2: the latents quantized (the indexer keys stay in the model dtype, float32
+    here), a prefill chunk and decode past the boundary: the same numbers as plain attention on the
+    latents those bits hold (the selection then is the same too). Against the unquantized reference
+    the rounding moves scores enough to flip near-tied choices of this random fixture."""
+    toks = tokens(520, seed=1)
+    model = load_model(folder)
+    cache = model.make_cache(kv_bits=bits, kv_group_size=32)
+    rounded = [RoundedLatentCache(bits) for _ in model.layers]
+    assert isinstance(cache[0], QuantizedLatentCache)
+    out, ref = [], []
+    for start, end in [(0, 500)] + [(i, i + 1) for i in range(500, 520)]:
+        out.append(np.array(model(mx.array(toks[:, start:end]), cache=cache)))
+        ref.append(np.array(model(mx.array(toks[:, start:end]), cache=rounded)))
+    assert len(cache[0].state) == 5 and cache[0].state[4].dtype == mx.float32
+    assert cache[0].nbytes == cache[0].capacity * latent_bytes_per_token(model.args, mx.float32, bits=bits,
+                                                                         group_size=32)
+    assert rel_err(np.concatenate(out, axis=1), np.concatenate(ref, axis=1)) < 1e-4
