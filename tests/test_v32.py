@@ -199,3 +199,68 @@ def test_quantized_latent_cache(folder, bits):
     assert cache[0].nbytes == cache[0].capacity * latent_bytes_per_token(model.args, mx.float32, bits=bits,
                                                                          group_size=32)
     assert rel_err(np.concatenate(out, axis=1), np.concatenate(ref, axis=1)) < 1e-4
+
+
+def published_fp8(name):
+    """What DeepSeek-V3.2's FP8 checkpoint stores in FP8: V3's projections and the indexer's query and
+    key projections; `weights_proj` and the key norm stay in high precision."""
+    return (("proj" in name and "weights_proj" not in name) or name.endswith(("indexer.wq_b.weight",
+                                                                             "indexer.wk.weight"))) \
+        and "gate.weight" not in name
+
+
+def test_fp8_checkpoint_with_the_indexer_converts_and_loads(folder, tmp_path):
+    from test_convert import convert, hf_logits, make_fp8, ours
+
+    dequantized = make_fp8(folder, tmp_path / "fp8", fp8=published_fp8)
+    assert "model.layers.1.self_attn.indexer.wq_b.weight" in dequantized
+    assert "model.layers.1.self_attn.indexer.weights_proj.weight" not in dequantized
+    toks = tokens(600, seed=5)
+    expected = hf_logits(folder, toks, dequantized)
+    assert convert(tmp_path / "fp8", tmp_path / "out", "--dtype", "float32") == 0
+    assert rel_err(ours(tmp_path / "out", toks), expected) < 1e-4
+    assert rel_err(ours(tmp_path / "fp8", toks, dtype=mx.float32), expected) < 1e-4  # FP8 loads directly too
+
+
+def test_quantized_conversion_keeps_the_indexer_head_weights_and_norm(checkpoint, tmp_path):
+    from test_convert import ALIGNED, convert, dequantized_reference_state, hf_logits, ours
+
+    src = checkpoint("v32", **ALIGNED)
+    assert convert(src, tmp_path / "out", "-q", "--q-group-size", "32") == 0
+    w = mx.load(str(tmp_path / "out/model.safetensors"))
+    indexer = "model.layers.1.self_attn.indexer"
+    assert f"{indexer}.wq_b.scales" in w and f"{indexer}.wk.scales" in w  # the `indexer` kind: -q bits
+    assert f"{indexer}.weights_proj.scales" not in w and w[f"{indexer}.weights_proj.weight"].dtype == mx.float32
+    assert w[f"{indexer}.k_norm.bias"].dtype == mx.float32
+    state = dequantized_reference_state(src, "deepseek_v3", 4, 32, ALIGNED)
+    state = {k: v for k, v in state.items() if "weights_proj" not in k}
+    toks = tokens(300, seed=6)
+    assert rel_err(ours(tmp_path / "out", toks), hf_logits(src, toks, state)) < 1e-4
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_cache_file_saves_and_loads_the_indexer_keys(folder, long_reference, tmp_path, kv_bits):
+    """PromptCache.save / load (generate.py's cache files) past the boundary: the loaded cache goes on
+    exactly as the one that was saved, and a file whose indexer keys are missing is refused."""
+    from mlx_deepseek.generate import CacheFileError, PromptCache, cache_checksum, read_cache_file
+
+    toks, _ = long_reference
+    model = load_model(folder)
+    saved = PromptCache(model, kv_bits, 32)
+    saved(toks[0, :300].tolist())
+    saved.save(tmp_path / "c.safetensors")
+    loaded = PromptCache(model, kv_bits, 32)
+    loaded.load(tmp_path / "c.safetensors")
+    assert len(loaded.cache[0].state) == len(saved.cache[0].state) == (3 if kv_bits is None else 5)
+    a, b = saved(toks[0, 300:340].tolist()), loaded(toks[0, 300:340].tolist())
+    assert np.array_equal(np.array(a), np.array(b))
+    # the same file without the indexer keys (as a V3 cache would be) does not fit this model
+    arrays = dict(mx.load(str(tmp_path / "c.safetensors")))
+    last = len(saved.cache[0].state) - 1
+    arrays = {k: v for k, v in arrays.items() if not k.endswith(f".{last}")}
+    _, meta = read_cache_file(tmp_path / "c.safetensors")
+    meta = {k: v for k, v in meta.items() if k != "checksum"}
+    meta["checksum"] = cache_checksum(arrays, meta)
+    mx.save_safetensors(str(tmp_path / "d.safetensors"), arrays, metadata=meta)
+    with pytest.raises(CacheFileError, match="not this model's latent cache"):
+        PromptCache(model, kv_bits, 32).load(tmp_path / "d.safetensors")
