@@ -309,3 +309,38 @@ def _write_v4_native(model, s: dict, folder: Path) -> None:
     config.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_nextn_predict_layers=1,
                   expert_dtype="fp4", topk_method="noaux_tc", bos_token_id=0, eos_token_id=1)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---- DeepSeek-V3.2 with its MTP layer ----------------------------------------------------------
+
+
+def build_v32_mtp() -> tuple[Path, Path]:
+    """(folder, reference): a V3.2 checkpoint with an MTP layer (`model.layers.3.*`: a V3.2 decoder
+    layer, indexer included, plus enorm / hnorm / eh_proj / shared_head.norm, and the embedding and
+    head stored again as DeepSeek does), and the transformers folder of the same network with that
+    block as a 4th ordinary layer (transformers has no MTP module for V3.2: the tests run its own
+    decoder layer on the MTP block and the rest by hand)."""
+    reference = build("v32", num_hidden_layers=4)
+    return cached("v32-mtp", [settings("v32"), 1], lambda tmp: _write_v32_mtp(reference, tmp)), reference
+
+
+def _write_v32_mtp(reference: Path, folder: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(reference, folder)
+    tensors = load_file(str(reference / "model.safetensors"))
+    rng = np.random.default_rng(3)
+    D = BASE["hidden_size"]
+    mtp = "model.layers.3."
+    tensors[mtp + "eh_proj.weight"] = (0.1 * rng.standard_normal((D, 2 * D))).astype(np.float32)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[mtp + name + ".weight"] = (1 + 0.2 * rng.standard_normal(D)).astype(np.float32)
+    tensors[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    tensors[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"]
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=3, num_nextn_predict_layers=1)
+    config.pop("layer_types", None), config.pop("mlp_layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

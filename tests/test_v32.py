@@ -264,3 +264,81 @@ def test_cache_file_saves_and_loads_the_indexer_keys(folder, long_reference, tmp
     mx.save_safetensors(str(tmp_path / "d.safetensors"), arrays, metadata=meta)
     with pytest.raises(CacheFileError, match="not this model's latent cache"):
         PromptCache(model, kv_bits, 32).load(tmp_path / "d.safetensors")
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_batched_decode_of_sequences_either_side_of_the_boundary(folder, kv_bits):
+    """The server's batch cache: a 10-token and a 300-token sequence decode together (right-padded),
+    each exactly as on its own."""
+    from mlx_deepseek.models.cache import BatchLatentCache
+
+    model = load_model(folder)
+    prompts = [tokens(10, seed=7), tokens(300, seed=8)]
+    steps = tokens(6, seed=9, batch=2)
+    alone = []
+    for b, p in enumerate(prompts):
+        cache = model.make_cache(kv_bits, 32)
+        model(mx.array(p), cache=cache)
+        alone.append(np.concatenate([np.array(model(mx.array(steps[b : b + 1, i : i + 1]), cache=cache))
+                                     for i in range(6)], axis=1))
+    fresh = []
+    for b, p in enumerate(prompts):
+        cache = model.make_cache(kv_bits, 32)
+        model(mx.array(p), cache=cache)
+        fresh.append(cache)
+    batch = [BatchLatentCache.from_caches([fresh[0][i], fresh[1][i]]) for i in range(len(model.layers))]
+    together = np.concatenate([np.array(model(mx.array(steps[:, i : i + 1]), cache=batch)) for i in range(6)], axis=1)
+    assert rel_err(together[0], alone[0][0]) < 1e-4 and rel_err(together[1], alone[1][0]) < 1e-4
+    back = batch[0].extract(1)
+    assert len(back.state) == len(fresh[1][0].state) and back.offset == 306
+
+
+def hf_mtp_logits(reference_folder, mtp_folder, ids):
+    """The MTP layer by hand around transformers' own V3.2 decoder layer (the 4th layer of the
+    reference folder is the MTP block): lm_head(norm(block(eh_proj([enorm(e_{i+1}); hnorm(h_i)])))),
+    h_i the main model's final (post-norm) hidden state."""
+    import transformers
+    from safetensors.torch import load_file
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    w = load_file(str(mtp_folder / "model.safetensors"))
+    eps = hf.config.rms_norm_eps
+
+    def rms(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w[f"model.layers.3.{name}.weight"]
+
+    t = torch.tensor(ids)
+    with torch.no_grad():
+        hf.config.num_hidden_layers = 3  # the main model: layers 0..2 and the final norm
+        h = hf.model(input_ids=t).last_hidden_state
+        x = torch.cat([rms(hf.model.embed_tokens(t[:, 1:]), "enorm"), rms(h[:, :-1], "hnorm")], dim=-1)
+        x = x @ w["model.layers.3.eh_proj.weight"].T
+        L = x.shape[1]
+        positions = torch.arange(L)[None]
+        mask = torch.full((L, L), torch.finfo(torch.float32).min).triu(1)[None, None]
+        x = hf.model.layers[3](x, attention_mask=mask, position_embeddings=hf.model.rotary_emb(x, positions),
+                               position_ids=positions, cache=None)
+        x = x[0] if isinstance(x, tuple) else x
+        return hf.lm_head(rms(x, "shared_head.norm")).numpy()
+
+
+def test_mtp_layer_with_its_indexer():
+    """The MTP block is a V3.2 layer with an indexer of its own: past the boundary in one pass, and
+    through its own draft cache one token at a time."""
+    from checkpoints import build_v32_mtp
+
+    folder, reference_folder = build_v32_mtp()
+    ids = tokens(300, seed=10)
+    expected = hf_mtp_logits(reference_folder, folder, ids)
+    model = load_model(folder, mtp=True)
+    assert "indexer" in model.mtp.block.self_attn
+    assert not any("embed" in k or "lm_head" in k for k in dict(__import__("mlx.utils").utils.tree_flatten(
+        model.mtp.parameters())))  # the stored copies equal the main ones: shared
+    h = model.hidden(mx.array(ids))
+    assert rel_err(np.array(model.draft_logits(h[:, :-1], mx.array(ids[:, 1:]))), expected) < 1e-4
+    draft = model.make_draft_cache()
+    steps = [np.array(model.draft_logits(h[:, :40], mx.array(ids[:, 1:41]), draft))]
+    steps += [np.array(model.draft_logits(h[:, i : i + 1], mx.array(ids[:, i + 1 : i + 2]), draft)) for i in range(40, 299)]
+    assert rel_err(np.concatenate(steps, axis=1), expected) < 1e-4
+    model.mtp.block.self_attn.indexer.topk = 10**6  # dense attention in the MTP block: not what V3.2 computes
+    assert rel_err(np.array(model.draft_logits(h[:, :-1], mx.array(ids[:, 1:]))), expected) > 1e-2

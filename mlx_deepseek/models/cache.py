@@ -201,10 +201,11 @@ class BatchLatentCache:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
-    def update_and_fetch(self, latent: mx.array, rope_key: mx.array):
+    def update_and_fetch(self, latent: mx.array, rope_key: mx.array, *index_key: mx.array):
         if latent.shape[2] != 1:
             raise ValueError("a batch cache takes one new token per row; prefill each prompt on its own cache")
-        arrays = [*mx.quantize(latent, self.group_size, self.bits), rope_key] if self.bits else [latent, rope_key]
+        latents = mx.quantize(latent, self.group_size, self.bits) if self.bits else [latent]
+        arrays = [*latents, rope_key, *index_key]
         if max(self.lengths) + 1 > self.capacity:
             grow = [mx.zeros((*b.shape[:2], self.step, b.shape[3]), b.dtype) for b in self.buffers]
             self.buffers = [mx.concatenate([b, g], axis=2) for b, g in zip(self.buffers, grow)]
@@ -213,7 +214,7 @@ class BatchLatentCache:
             b[rows, 0, at] = a[:, 0, 0]
         self.lengths = [n + 1 for n in self.lengths]
         held = [b[..., : max(self.lengths), :] for b in self.buffers]
-        return (tuple(held[:-1]), held[-1]) if self.bits else tuple(held)
+        return (tuple(held[:3]), *held[3:]) if self.bits else tuple(held)
 
     def key_mask(self) -> mx.array:
         """(B, T) boolean: which of the padded keys each row's new token attends to."""

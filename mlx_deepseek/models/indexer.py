@@ -62,13 +62,14 @@ class Indexer(nn.Module):
         logits = mx.maximum(q.astype(mx.float32) @ keys.astype(mx.float32).swapaxes(-1, -2), 0.0)  # (B, L, H, T)
         return (w @ logits)[:, :, 0]
 
-    def select(self, scores: mx.array, first: int) -> tuple[mx.array, mx.array]:
-        """The top-k keys of each query row, for queries at positions first, first + 1, ...:
-        (B, L, k) indices (in no particular order) and whether each is visible (causal). A row that
-        sees fewer than k keys gets all of them, padded with invisible ones."""
+    def select(self, scores: mx.array, first) -> tuple[mx.array, mx.array]:
+        """The top-k keys of each query row, for queries at positions first, first + 1, ... (`first`
+        an int, or one per batch row (B,) when a batch of right-padded sequences decodes together):
+        (B, L, k) indices (in no particular order) and whether each is visible (causal, and not
+        padding). A row that sees fewer than k keys gets all of them, padded with invisible ones."""
         L, T = scores.shape[-2:]
         k = min(self.topk, T)
-        visible = mx.arange(T)[None] <= mx.arange(first, first + L)[:, None]  # (L, T)
-        scores = mx.where(visible, scores, -mx.inf)
+        positions = (first[:, None] if isinstance(first, mx.array) else first) + mx.arange(L)[None]  # (B|1, L)
+        scores = mx.where(mx.arange(T) <= positions[..., None], scores, -mx.inf)
         chosen = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
-        return chosen, chosen <= mx.arange(first, first + L)[:, None]
+        return chosen, chosen <= positions[..., None]

@@ -36,9 +36,10 @@ def per_query(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, W)
 
 
-def sparse_attention(mla, x, qr, q_nope, q_pe, latent, k_pe, index_keys, offset: int, cache) -> mx.array:
-    """MLA output (B, H, L, v_head_dim) for L queries at offset.. on the T cached tokens (T > index_topk);
-    `latent` is (B, 1, T, R) or a quantized cache's (words, scales, biases)."""
+def sparse_attention(mla, x, qr, q_nope, q_pe, latent, k_pe, index_keys, offset, cache) -> mx.array:
+    """MLA output (B, H, L, v_head_dim) for L queries at offset.. (an int, or (B,) for a batch cache) on
+    the T cached tokens (T > index_topk); `latent` is (B, 1, T, R) or a quantized cache's (words,
+    scales, biases)."""
     B, H, L, _ = q_nope.shape
     indexer = mla.indexer
     T = k_pe.shape[2]
