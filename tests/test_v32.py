@@ -342,3 +342,31 @@ def test_mtp_layer_with_its_indexer():
     assert rel_err(np.concatenate(steps, axis=1), expected) < 1e-4
     model.mtp.block.self_attn.indexer.topk = 10**6  # dense attention in the MTP block: not what V3.2 computes
     assert rel_err(np.array(model.draft_logits(h[:, :-1], mx.array(ids[:, 1:]))), expected) > 1e-2
+
+
+def test_pipeline_two_ranks_equal_one_process(checkpoint, tmp_path):
+    """V3.2's layers are ordinary decoder layers: split over 2 ranks (loopback ring) as V3's are; the
+    conversation runs past index_topk (37-token prompt, two turns)."""
+    from mlx_deepseek import load
+    from test_pipeline import PROMPT, launch, two_turns
+
+    folder = checkpoint("v32", num_hidden_layers=4)
+    r0 = launch(folder, tmp_path / "r", port=5530)
+    model, tokenizer = load(folder)
+    assert rel_err(np.array(r0["logits"]), np.array(model(mx.array([PROMPT])))) < 1e-5
+    assert [r0["first"], r0["second"]] == list(two_turns(model, tokenizer))
+
+
+def test_self_speculative_decoding_changes_nothing_greedy():
+    """MTP drafts (its indexer on its own draft cache, rewound on rejections): greedy tokens as without."""
+    from checkpoints import build_v32_mtp
+
+    from mlx_deepseek import load
+    from mlx_deepseek.generate import stream_generate
+
+    folder, _ = build_v32_mtp()
+    model, tokenizer = load(folder, mtp=True)
+    prompt = tokens(30, seed=11)[0].tolist()
+    plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48)]
+    drafted = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48, mtp=True)]
+    assert drafted == plain
