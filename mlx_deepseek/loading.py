@@ -408,7 +408,7 @@ FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias",
 
 
 def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
-    if name.endswith(FLOAT32_TENSORS):
+    if name.endswith(FLOAT32_TENSORS) and mx.issubdtype(value.dtype, mx.floating):  # (quantized as stored: kept)
         return value.astype(mx.float32)
     if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
         return value.astype(dtype)

@@ -370,3 +370,23 @@ def test_self_speculative_decoding_changes_nothing_greedy():
     plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48)]
     drafted = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48, mtp=True)]
     assert drafted == plain
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_mlx_lm_folders_load(checkpoint, reference, tmp_path, quantize):
+    """mlx_lm.convert's deepseek_v32 folders (indexer tensors under the same names, per-head
+    embed_q / unembed_out): unquantized equal to transformers past the boundary, quantized equal to
+    mlx-lm's own run of the folder."""
+    import mlx_lm
+    from mlx_lm import convert
+    from test_convert import ALIGNED
+
+    src = checkpoint("v32", **ALIGNED)
+    convert(str(src), str(tmp_path / "out"), quantize=quantize, q_group_size=32, q_bits=4)
+    toks = tokens(300, seed=13)
+    ours = np.array(load_model(tmp_path / "out")(mx.array(toks)))
+    if quantize:
+        theirs, _ = mlx_lm.load(str(tmp_path / "out"))
+        assert rel_err(ours, np.array(theirs(mx.array(toks)))) < 1e-4
+    else:
+        assert rel_err(ours, reference_logits(reference(src), toks)) < 1e-4
