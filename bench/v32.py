@@ -172,6 +172,7 @@ def main(argv=None) -> int:
             if name in row:
                 row[name]["max_rel_diff"] = rel(row[name].pop("logits"), ref)
         result["decode"].append(row)
+        save(result, a.profile)
         print(f"decode @ {T:>6}: " + ", ".join(f"{n} {row[n]['ms']['median']:.1f} ms (attention "
                                                  f"{row[n]['attention_ms']['median']:.1f})" for n, *_ in runners
                                                  if n in row)
@@ -189,14 +190,20 @@ def main(argv=None) -> int:
         for name, *_ in runners[1:]:
             row[name]["max_rel_diff"] = rel(row[name].pop("logits"), ref)
         result["chunks"].append(row)
+        save(result, a.profile)
         print(f"chunk {n} on {T:>6}: " + ", ".join(f"{k} {row[k]['ms']['median']:.0f} ms (attention "
                                                     f"{row[k]['attention_ms']['median']:.0f})" for k, *_ in runners)
               + f" | mlx-lm vs ours {row['mlx-lm']['max_rel_diff']:.1e}", flush=True)
         del state
-    out = results_dir() / f"v32-{a.profile}.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {save(result, a.profile)}")
     return 0
+
+
+def save(result: dict, profile: str):
+    """Written after every row, so that a run cut short keeps what it measured."""
+    out = results_dir() / f"v32-{profile}.json"
+    out.write_text(json.dumps(result, indent=1))
+    return out
 
 
 if __name__ == "__main__":
