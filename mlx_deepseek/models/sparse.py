@@ -36,6 +36,19 @@ def per_query(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, W)
 
 
+def attend_rows(q_rows: mx.array, rows: mx.array, bias: mx.array, scale: float) -> mx.array:
+    """Absorbed attention of each query row (N, H, 1, R) on its own latent rows (N, 1, k, R), bias
+    (N, H, 1, k): the heads become rows of one matmul against the shared rows (as `MLA._attend_quantized`
+    does on quantized ones). Not `mx.fast.scaled_dot_product_attention`: on MLX's CPU backend (0.32.4)
+    that call with 128 query heads on one key head and a mask ends in a segmentation fault at V3.2's
+    shapes (32 x 128 queries on 2048 rows of 512)."""
+    N, H, _, R = q_rows.shape
+    k = rows.shape[2]
+    scores = ((q_rows * scale).reshape(N, 1, H, R) @ rows.swapaxes(-1, -2)).reshape(N, H, 1, k) + bias
+    p = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q_rows.dtype)
+    return (p.reshape(N, 1, H, k) @ rows).reshape(N, H, 1, R)
+
+
 def sparse_attention(mla, x, qr, q_nope, q_pe, latent, k_pe, index_keys, offset, cache) -> mx.array:
     """MLA output (B, H, L, v_head_dim) for L queries at offset.. (an int, or (B,) for a batch cache) on
     the T cached tokens (T > index_topk); `latent` is (B, 1, T, R) or a quantized cache's (words,
@@ -65,7 +78,7 @@ def sparse_attention(mla, x, qr, q_nope, q_pe, latent, k_pe, index_keys, offset,
         if isinstance(latent, tuple):
             out = mla._attend_quantized(q_rows, rows, bias, cache)
         else:
-            out = mx.fast.scaled_dot_product_attention(q_rows, rows[0], rows[0], scale=mla.scale, mask=bias)
+            out = attend_rows(q_rows, rows[0], bias, mla.scale)
         outs.append(out.reshape(B, n, H, -1).transpose(0, 2, 1, 3))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     return mla.value_up(out)
