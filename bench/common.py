@@ -15,9 +15,10 @@ import mlx.core as mx
 from bench.synthetic import build
 
 
-def converted(config: str, layers: int, experts: int, vocab: int | None = None, dense_layers: int | None = None) -> Path:
+def converted(config: str, layers: int, experts: int, vocab: int | None = None, dense_layers: int | None = None,
+              overrides: dict | None = None) -> Path:
     """A 4-bit conversion (float32 scales, so activations run in float32) of a synthetic checkpoint."""
-    src = build(config, layers, experts, vocab, dense_layers)
+    src = build(config, layers, experts, vocab, dense_layers, overrides=overrides)
     out = src.with_name(src.name + "-4bit-f32")
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, "-m", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",

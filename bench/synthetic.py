@@ -7,6 +7,7 @@ memory than one tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -28,10 +29,11 @@ TINYSEEK = ROOT.parent.parent / "shared" / "models" / "tinyseek-py"
 
 
 def scaled_config(name: str, layers: int, experts: int | None = None, vocab: int | None = None,
-                  dense_layers: int | None = None) -> dict:
-    """A real config (../shared/configs/NAME.json, or `tinyseek`) with fewer layers / experts / tokens."""
+                  dense_layers: int | None = None, overrides: dict | None = None) -> dict:
+    """A real config (../shared/configs/NAME.json, or `tinyseek`) with fewer layers / experts / tokens
+    (and any other fields replaced by `overrides`)."""
     file = TINYSEEK / "config.json" if name == "tinyseek" else CONFIGS / f"{name}.json"
-    config = json.loads(file.read_text())
+    config = {**json.loads(file.read_text()), **(overrides or {})}
     config["num_hidden_layers"] = layers
     if vocab:
         config["vocab_size"] = vocab
@@ -64,6 +66,11 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple]:
         shapes |= {a + "kv_a_proj_with_mqa.weight": (R + r, D), a + "kv_a_layernorm.weight": (R,),
                    a + "kv_b_proj.weight": (H * (args.qk_nope_head_dim + args.v_head_dim), R),
                    a + "o_proj.weight": (D, H * args.v_head_dim)}
+        if args.sparse:  # V3.2's lightning indexer
+            Hi, Di = args.index_n_heads, args.index_head_dim
+            shapes |= {a + "indexer.wq_b.weight": (Hi * Di, args.q_lora_rank), a + "indexer.wk.weight": (Di, D),
+                       a + "indexer.k_norm.weight": (Di,), a + "indexer.k_norm.bias": (Di,),
+                       a + "indexer.weights_proj.weight": (Hi, D)}
         if not args.is_moe_layer(i):
             I = args.intermediate_size
             shapes |= {p + f"mlp.{n}.weight": s for n, s in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I)))}
@@ -82,14 +89,16 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple]:
 
 
 def build(name: str, layers: int, experts: int | None = None, vocab: int | None = None,
-          dense_layers: int | None = None, float32: bool = False) -> Path:
+          dense_layers: int | None = None, float32: bool = False, overrides: dict | None = None) -> Path:
     """The folder of a synthetic checkpoint (cached under bench/.cache); bf16 unless `float32`
     (what runs fast on a CPU)."""
-    config = scaled_config(name, layers, experts, vocab, dense_layers)
+    config = scaled_config(name, layers, experts, vocab, dense_layers, overrides)
     weight_dtype = mx.float32 if float32 else mx.bfloat16
     config["torch_dtype"] = "float32" if float32 else "bfloat16"
     folder = CACHE / (f"{name}-{layers}L-{config['first_k_dense_replace']}D-{config['n_routed_experts']}E-"
-                      f"{config['vocab_size']}V" + ("-f32" if float32 else ""))
+                      f"{config['vocab_size']}V" + ("-f32" if float32 else "")
+                      + ("-" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+                         if overrides else ""))
     if (folder / "config.json").exists():
         return folder
     args = ModelArgs.from_dict(config)

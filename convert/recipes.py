@@ -19,14 +19,16 @@ WIDTH_STACK = re.compile(r"\.switch_mlp\.bits(\d+)\.")
 
 # Module kinds, from the output module path (DeepSeek-V2/V3 names, and DeepSeek-V4's: `embed`,
 # `head`, `layers.N.attn.*`, `layers.N.ffn.*`, `mtp.*`). Routers, norms, the correction bias and
-# V4's hyper-connections, sinks, window biases (ape) and tid2eid are in no kind: never quantized.
+# V4's hyper-connections, sinks, window biases (ape) and tid2eid are in no kind: never quantized; nor
+# are V3.2's indexer head weights (`weights_proj`) and key norm, which it computes in float32.
 KINDS = {
     "embed": re.compile(r"((^|\.)embed_tokens|^embed)$"),
     "head": re.compile(r"(^lm_head|shared_head\.head|^head)$"),
     "attention": re.compile(r"\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|embed_q|unembed_out|o_proj)$"
                            r"|\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b)$"),
     "compressor": re.compile(r"\.attn\.(indexer\.)?compressor\.(wkv|wgate)$"),   # V4: pooling of keys
-    "indexer": re.compile(r"\.attn\.indexer\.(wq_b|weights_proj)$"),            # V4: CSA's top-k scorer
+    "indexer": re.compile(r"\.attn\.indexer\.(wq_b|weights_proj)$"             # V4: CSA's top-k scorer
+                          r"|\.self_attn\.indexer\.(wq_b|wk)$"),                  # V3.2: its query, key
     "routed_experts": re.compile(r"\.(mlp|ffn)\.switch_mlp\.(bits\d+\.)?(gate_proj|up_proj|down_proj)$"),
     "shared_experts": re.compile(r"\.(mlp|ffn)\.shared_experts\.(gate_proj|up_proj|down_proj)$"),
     "dense_mlp": re.compile(r"\.mlp\.(gate_proj|up_proj|down_proj)$"),

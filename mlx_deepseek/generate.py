@@ -243,6 +243,7 @@ class PromptCache:
         parts = [arrays[f"{name}.{j}"] for j in range(len(arrays)) if f"{name}.{j}" in arrays]
         R, rope = args.kv_lora_rank, args.qk_rope_head_dim
         widths = [R, rope] if bits is None else [R * bits // 32, R // group, R // group, rope]
+        widths += [args.index_head_dim] if args.sparse else []  # V3.2: the indexer keys
         length = parts[0].shape[2] if parts and parts[0].ndim == 4 else -1
         if parts and not (len(parts) == len(widths) and 0 < length <= n and all(
                 p.ndim == 4 and tuple(p.shape[:3]) == (1, 1, length) and p.shape[3] == w for p, w in zip(parts, widths))):

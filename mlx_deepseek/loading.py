@@ -427,11 +427,14 @@ def _equal(a: mx.array, b: Optional[mx.array]) -> bool:
 # Routing decides on float32 scores (as the reference does): its small tensors are kept in float32.
 FLOAT32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias",
                    # DeepSeek-V4: its router, and the hyper-connection, sink and window-bias tensors
-                   "ffn.gate.weight", "ffn.gate.bias", ".fn", ".base", ".scale", "attn_sink", ".ape")
+                   "ffn.gate.weight", "ffn.gate.bias", ".fn", ".base", ".scale", "attn_sink", ".ape",
+                   # DeepSeek-V3.2's indexer: its head weights and key norm (transformers keeps them so too)
+                   "self_attn.indexer.weights_proj.weight", "self_attn.indexer.k_norm.weight",
+                   "self_attn.indexer.k_norm.bias")
 
 
 def cast_weight(name: str, value: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
-    if name.endswith(FLOAT32_TENSORS):
+    if name.endswith(FLOAT32_TENSORS) and mx.issubdtype(value.dtype, mx.floating):  # (quantized as stored: kept)
         return value.astype(mx.float32)
     if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
         return value.astype(dtype)

@@ -44,6 +44,9 @@ VARIANTS = {
     # plain RoPE (rope_scaling null) and tied embeddings, as some fine-tunes ship
     "v3_plain": dict(model_type="deepseek_v3", q_lora_rank=48, n_routed_experts=8, n_group=1, topk_group=1,
                      routed_scaling_factor=1.0, norm_topk_prob=True, rope_scaling=None, tie_word_embeddings=True),
+    # V3.2: V3 plus the lightning indexer, top-16 (contexts of hundreds of tokens are far past it)
+    "v32": dict(model_type="deepseek_v32", q_lora_rank=48, n_routed_experts=16, n_group=4, topk_group=2,
+                routed_scaling_factor=2.5, norm_topk_prob=True, index_n_heads=16, index_head_dim=32, index_topk=16),
 }
 
 
@@ -77,8 +80,10 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
     s = copy.deepcopy(s)  # transformers edits rope_scaling in place: keep the key (BASE, YARN) as it was
     keep_rope_parameters = s.pop("keep_rope_parameters", False)
     family = s["model_type"]
-    cls_cfg = transformers.DeepseekV2Config if family == "deepseek_v2" else transformers.DeepseekV3Config
-    cls_model = transformers.DeepseekV2ForCausalLM if family == "deepseek_v2" else transformers.DeepseekV3ForCausalLM
+    name = {"deepseek_v2": "DeepseekV2", "deepseek_v32": "DeepseekV32"}.get(family, "DeepseekV3")
+    cls_cfg, cls_model = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    if family == "deepseek_v32":  # its config has no router switches: V3's sigmoid noaux_tc is built in
+        s = {k: v for k, v in s.items() if k not in ("topk_method", "scoring_func")}
     published = {k: s[k] for k in ("rope_theta", "rope_scaling")}
     cfg = cls_cfg(**{k: v for k, v in s.items() if k != "model_type"})
     torch.manual_seed(0)
@@ -90,6 +95,8 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.3 * torch.randn_like(b))
+        if family == "deepseek_v32":
+            tie_free_indexer(model)
     model.to(getattr(torch, dtype)).save_pretrained(folder)
     if not keep_rope_parameters:
         # DeepSeek's published configs say rope_theta / rope_scaling; transformers 5 writes rope_parameters.
@@ -98,6 +105,22 @@ def _write(s: dict, dtype: str, folder: Path) -> None:
         config.update(published)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(folder, s["vocab_size"])
+
+
+def tie_free_indexer(model) -> None:
+    """Random indexers score many keys exactly 0 (every head's ReLU(q . k) is 0), and top-k breaks
+    such ties by implementation detail. A key norm bias far from zero makes q_h . k_s share the sign
+    of q_h . bias over most keys s, so a query sees positive, distinct scores from about half its
+    heads; the tests also check the top-k margin on the reference side (`indexer_margins`)."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("indexer.k_norm.bias"):
+                p.copy_(2.0 * torch.randn(p.shape, generator=g))
+            elif name.endswith("indexer.k_norm.weight"):
+                p.copy_(0.3 + 0.1 * torch.randn(p.shape, generator=g))
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -286,4 +309,39 @@ def _write_v4_native(model, s: dict, folder: Path) -> None:
     config = {k: v for k, v in s.items()}
     config.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_nextn_predict_layers=1,
                   expert_dtype="fp4", topk_method="noaux_tc", bos_token_id=0, eos_token_id=1)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---- DeepSeek-V3.2 with its MTP layer ----------------------------------------------------------
+
+
+def build_v32_mtp() -> tuple[Path, Path]:
+    """(folder, reference): a V3.2 checkpoint with an MTP layer (`model.layers.3.*`: a V3.2 decoder
+    layer, indexer included, plus enorm / hnorm / eh_proj / shared_head.norm, and the embedding and
+    head stored again as DeepSeek does), and the transformers folder of the same network with that
+    block as a 4th ordinary layer (transformers has no MTP module for V3.2: the tests run its own
+    decoder layer on the MTP block and the rest by hand)."""
+    reference = build("v32", num_hidden_layers=4)
+    return cached("v32-mtp", [settings("v32"), 1], lambda tmp: _write_v32_mtp(reference, tmp)), reference
+
+
+def _write_v32_mtp(reference: Path, folder: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(reference, folder)
+    tensors = load_file(str(reference / "model.safetensors"))
+    rng = np.random.default_rng(3)
+    D = BASE["hidden_size"]
+    mtp = "model.layers.3."
+    tensors[mtp + "eh_proj.weight"] = (0.1 * rng.standard_normal((D, 2 * D))).astype(np.float32)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[mtp + name + ".weight"] = (1 + 0.2 * rng.standard_normal(D)).astype(np.float32)
+    tensors[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    tensors[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"]
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_hidden_layers=3, num_nextn_predict_layers=1)
+    config.pop("layer_types", None), config.pop("mlp_layer_types", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import convert_memory, fp8_load, latent_cache, mixed_experts, mtp, plots, quantization, runtime, v4
+from bench import convert_memory, fp8_load, latent_cache, mixed_experts, mtp, plots, quantization, runtime, v4, v32
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +67,12 @@ def test_v4_benchmark_runs(results):
     flash = {r["context"]: r for r in result["roofline"]}
     assert 13.0 < flash[0]["active_params_b"] < 13.6  # Flash: 13B active per token
     assert result["cache"][-1]["values_per_token"] == 3440
+
+
+def test_v32_benchmark_runs_and_both_runners_agree(results):
+    """bench.v32 at toy size: greedy tokens below the boundary, and logits past it on identical caches."""
+    assert v32.main(["--profile", "toy"]) == 0
+    result = json.loads((results / "v32-toy.json").read_text())
+    assert result["greedy"]["same"]
+    rows = result["decode"] + result["chunks"]
+    assert all(r["mlx-lm"]["max_rel_diff"] < 1e-4 for r in rows) and rows[-1]["context"] > result["index_topk"]

@@ -66,14 +66,18 @@ def test_bfloat16_source_stays_bfloat16_and_exact(checkpoint, tmp_path):
     assert rel_err(ours(tmp_path / "out", toks, dtype=mx.float32), hf_logits(src, toks)) < 1e-4
 
 
-def make_fp8(src, dst, block=128):
-    """DeepSeek's FP8 format: every 2-D projection as float8_e4m3fn + weight_scale_inv per block."""
+def is_fp8_projection(name):
+    return "proj" in name and "gate.weight" not in name
+
+
+def make_fp8(src, dst, block=128, fp8=is_fp8_projection):
+    """DeepSeek's FP8 format: every 2-D projection (`fp8(name)`) as float8_e4m3fn + weight_scale_inv per block."""
     from safetensors.torch import save_file
 
     shutil.copytree(src, dst)
     state, out, dequantized = read_state(src), {}, {}
     for name, w in state.items():
-        if w.ndim == 2 and ("proj" in name) and "gate.weight" not in name:
+        if w.ndim == 2 and fp8(name):
             rows, cols = w.shape
             R, C = math.ceil(rows / block), math.ceil(cols / block)
             padded = torch.zeros(R * block, C * block)

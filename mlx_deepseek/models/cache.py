@@ -6,6 +6,10 @@ It follows mlx-lm's cache protocol (`update_and_fetch`, `offset`, `state`, `meta
 values. Storage grows in steps of `step` tokens and is written in place, never re-concatenated per
 token. `QuantizedLatentCache` stores the latent in 8 or 4 bits (attention then runs on it with
 `mx.quantized_matmul`, never dequantizing the history); the RoPE key stays in the model dtype.
+
+DeepSeek-V3.2 adds one more array per token and layer: the lightning indexer's key (`index_head_dim`
+values, in the model dtype in both caches), appended, trimmed, saved and loaded with the latents as
+the last array of `state`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from .config import ModelArgs
 
 def latent_bytes_per_token(args: ModelArgs, dtype: mx.Dtype, bits: Optional[int] = None, group_size: int = 64) -> int:
     """Bytes one token costs in one layer's cache: the design's memory figure."""
+    index = args.index_head_dim * dtype.size if args.sparse else 0  # V3.2's indexer key
     if bits is None:
-        return (args.kv_lora_rank + args.qk_rope_head_dim) * dtype.size
+        return (args.kv_lora_rank + args.qk_rope_head_dim) * dtype.size + index
     groups = args.kv_lora_rank // group_size
-    return args.kv_lora_rank * bits // 8 + 2 * groups * dtype.size + args.qk_rope_head_dim * dtype.size
+    return args.kv_lora_rank * bits // 8 + 2 * groups * dtype.size + args.qk_rope_head_dim * dtype.size + index
 
 
 class LatentCache:
@@ -32,9 +37,10 @@ class LatentCache:
         self.buffers: Optional[list[mx.array]] = None  # each (B, 1, capacity, width)
         self.offset = 0
 
-    def update_and_fetch(self, latent: mx.array, rope_key: mx.array) -> tuple[mx.array, mx.array]:
-        """Append L tokens ((B, 1, L, .) each); return everything held, (B, 1, offset + L, .)."""
-        return tuple(self._append([latent, rope_key]))
+    def update_and_fetch(self, latent: mx.array, rope_key: mx.array, *index_key: mx.array) -> tuple[mx.array, ...]:
+        """Append L tokens ((B, 1, L, .) each; V3.2 also passes its indexer key); return everything
+        held, (B, 1, offset + L, .) each."""
+        return tuple(self._append([latent, rope_key, *index_key]))
 
     def _append(self, arrays: list[mx.array]) -> list[mx.array]:
         start, length = self.offset, arrays[0].shape[2]
@@ -111,10 +117,11 @@ class QuantizedLatentCache(LatentCache):
             raise ValueError(f"kv_bits must be 4 or 8, got {bits}")
         self.bits, self.group_size = bits, group_size
 
-    def update_and_fetch(self, latent: mx.array, rope_key: mx.array):
-        """Returns ((words, scales, biases), rope_key) of everything held."""
-        *quantized, rope = self._append([*mx.quantize(latent, self.group_size, self.bits), rope_key])
-        return tuple(quantized), rope
+    def update_and_fetch(self, latent: mx.array, rope_key: mx.array, *index_key: mx.array):
+        """Returns ((words, scales, biases), rope_key[, index_key]) of everything held."""
+        words, scales, biases, *rest = self._append([*mx.quantize(latent, self.group_size, self.bits), rope_key,
+                                                     *index_key])
+        return ((words, scales, biases), *rest)
 
     @property
     def meta_state(self) -> str:
@@ -194,10 +201,11 @@ class BatchLatentCache:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
-    def update_and_fetch(self, latent: mx.array, rope_key: mx.array):
+    def update_and_fetch(self, latent: mx.array, rope_key: mx.array, *index_key: mx.array):
         if latent.shape[2] != 1:
             raise ValueError("a batch cache takes one new token per row; prefill each prompt on its own cache")
-        arrays = [*mx.quantize(latent, self.group_size, self.bits), rope_key] if self.bits else [latent, rope_key]
+        latents = mx.quantize(latent, self.group_size, self.bits) if self.bits else [latent]
+        arrays = [*latents, rope_key, *index_key]
         if max(self.lengths) + 1 > self.capacity:
             grow = [mx.zeros((*b.shape[:2], self.step, b.shape[3]), b.dtype) for b in self.buffers]
             self.buffers = [mx.concatenate([b, g], axis=2) for b, g in zip(self.buffers, grow)]
@@ -206,7 +214,7 @@ class BatchLatentCache:
             b[rows, 0, at] = a[:, 0, 0]
         self.lengths = [n + 1 for n in self.lengths]
         held = [b[..., : max(self.lengths), :] for b in self.buffers]
-        return (tuple(held[:-1]), held[-1]) if self.bits else tuple(held)
+        return (tuple(held[:3]), *held[3:]) if self.bits else tuple(held)
 
     def key_mask(self) -> mx.array:
         """(B, T) boolean: which of the padded keys each row's new token attends to."""

@@ -1,7 +1,9 @@
 """`ModelArgs`: the shape of a DeepSeek MLA + MoE network, read from a Hugging Face config.json.
 
 One dataclass covers both families: `deepseek_v2` (V2, V2-Lite, V2.5, Coder-V2) and
-`deepseek_v3` (V3, R1, V3.1, Moonlight), plus `kimi_k2`, which is a deepseek_v3 network.
+`deepseek_v3` (V3, R1, V3.1, Moonlight), plus `kimi_k2`, which is a deepseek_v3 network, and
+`deepseek_v32` (V3.2, V3.2-Exp, V3.2-Speciale): V3 plus DeepSeek Sparse Attention, whose lightning
+indexer is described by `index_n_heads`, `index_head_dim` and `index_topk` (see `indexer.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-FAMILIES = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3"}
+FAMILIES = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
+            "deepseek_v32": "deepseek_v3"}
+
+# DeepSeek Sparse Attention: required for deepseek_v32, meaningless elsewhere.
+SPARSE_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
 
 # The router each family uses when config.json does not say (the published configs always do).
 FAMILY_ROUTER_DEFAULTS = {
@@ -64,10 +70,18 @@ class ModelArgs:
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0   # multi-token-prediction layers stored after the main ones
+    index_n_heads: Optional[int] = None   # deepseek_v32: the lightning indexer's query heads ...
+    index_head_dim: Optional[int] = None  # ... and their width (its one key per token has it too)
+    index_topk: Optional[int] = None      # tokens each query attends to past that many (None: dense)
 
     @property
     def family(self) -> str:
         return FAMILIES[self.model_type]
+
+    @property
+    def sparse(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2): a lightning indexer picks the tokens each query reads."""
+        return self.index_topk is not None
 
     @property
     def qk_head_dim(self) -> int:
@@ -91,11 +105,15 @@ class ModelArgs:
                 f"expected one of {sorted(FAMILIES)}"
             )
         missing = [k for k in REQUIRED if config.get(k) is None]
+        if model_type == "deepseek_v32":
+            missing += [k for k in SPARSE_FIELDS + ("q_lora_rank",) if config.get(k) is None]
         if missing:
             raise ConfigError(f"config.json ({model_type}): missing required field(s) {missing}")
 
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in fields and v is not None}
+        if model_type != "deepseek_v32":
+            values = {k: v for k, v in values.items() if k not in SPARSE_FIELDS}
         check_types(values)
         for key, default in FAMILY_ROUTER_DEFAULTS[FAMILIES[model_type]].items():
             values.setdefault(key, default)
@@ -117,6 +135,13 @@ class ModelArgs:
             fail("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             fail("q_lora_rank", "a positive integer or null")
+        if self.sparse:
+            for field in SPARSE_FIELDS:
+                if getattr(self, field) <= 0:
+                    fail(field, "a positive integer")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                fail("index_head_dim", f"at least qk_rope_head_dim={self.qk_rope_head_dim} (its first "
+                                       "qk_rope_head_dim features are rotated)")
         if self.n_routed_experts is None:
             return
         if self.moe_intermediate_size <= 0:
@@ -145,7 +170,7 @@ class ModelArgs:
 # Field kinds beyond REQUIRED (positive integers); a dimension beyond 2^22 is no DeepSeek model.
 COUNTS = ("moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
           "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq", "max_position_embeddings",
-          "q_lora_rank", "n_routed_experts")
+          "q_lora_rank", "n_routed_experts") + SPARSE_FIELDS
 REALS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
 FLAGS = ("norm_topk_prob", "attention_bias", "tie_word_embeddings")
 NAMES = ("model_type", "topk_method", "scoring_func")

@@ -17,6 +17,9 @@ Two ways to evaluate the same thing:
 `MLA.absorbs(L, T)` picks the cheaper one; decode (L = 1) always absorbs for T > 1. The absorbed
 path hands the RoPE term to attention as an additive mask (with causality); the decompressed one
 concatenates it onto the keys and masks with booleans.
+
+DeepSeek-V3.2 adds a lightning indexer (`indexer.py`): past `index_topk` cached tokens, each query
+attends only to the rows it chose (`sparse.py`); below that, attention is the dense MLA above.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .indexer import Indexer
 from .quant import QuantizedWeights
 from .rope import RoPE, softmax_scale
+from .sparse import sparse_attention
 
 
 class HeadProjection(nn.Module):
@@ -113,6 +118,8 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
         self.rope = RoPE(self.rope_dim, args.rope_theta, args.rope_scaling)
         self.scale = softmax_scale(args.qk_head_dim, args.rope_scaling)
+        if args.sparse:
+            self.indexer = Indexer(args)
 
     # The decompressed path expands `block_tokens` cached tokens at a time, so its transient per
     # layer is at most about DECOMPRESS_BUDGET bytes, whatever the history's length.
@@ -143,7 +150,8 @@ class MLA(nn.Module):
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            qr = self.q_a_layernorm(self.q_a_proj(x))  # the query latent (V3.2's indexer reads it too)
+            q = self.q_b_proj(qr)
         q = q.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
         q_nope, q_pe = mx.split(q, [self.nope], axis=-1)
 
@@ -153,9 +161,13 @@ class MLA(nn.Module):
         offset = cache.offset if cache is not None else 0
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe, offset)
+        index_keys = (self.indexer.key(x, offset),) if "indexer" in self else ()
         if cache is not None:
-            latent, k_pe = cache.update_and_fetch(latent, k_pe)
+            latent, k_pe, *index_keys = cache.update_and_fetch(latent, k_pe, *index_keys)
         T = k_pe.shape[2]
+        if index_keys and T > self.indexer.topk:  # DeepSeek Sparse Attention: each query reads its top k
+            out = sparse_attention(self, x, qr, q_nope, q_pe, latent, k_pe, index_keys[0], offset, cache)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
         key_mask = cache.key_mask() if hasattr(cache, "key_mask") else None  # (B, T): a right-padded batch
         if isinstance(latent, tuple):  # a quantized cache: attend on the quantized latents as stored

@@ -1,6 +1,7 @@
 """YaRN rotary embeddings as DeepSeek uses them, on the `qk_rope_head_dim` part of queries and keys.
 
-DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... (`traditional=True` in `mx.fast.rope`).
+DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... (`traditional=True` in `mx.fast.rope`) in
+MLA; V3.2's lightning indexer rotates the halves (x_i, x_{i+dim/2}) instead (`interleaved=False`).
 YaRN changes three things: the per-pair frequencies (interpolated for slow pairs, kept for fast
 ones, blended in between), a factor on cos/sin (`mscale / mscale_all_dim`, 1.0 in every published
 config), and the softmax scale of attention (`mscale_all_dim`, see `softmax_scale`).
@@ -48,11 +49,12 @@ def softmax_scale(qk_head_dim: int, scaling: Optional[dict]) -> float:
 
 
 class RoPE(nn.Module):
-    """Rotates the last `dim` features of (B, heads, L, dim) inputs for positions offset .. offset+L-1."""
+    """Rotates the `dim` features of (B, heads, L, dim) inputs for positions offset .. offset+L-1:
+    interleaved pairs (DeepSeek's MLA), or with `interleaved=False` the two halves (V3.2's indexer)."""
 
-    def __init__(self, dim: int, base: float, scaling: Optional[dict] = None):
+    def __init__(self, dim: int, base: float, scaling: Optional[dict] = None, interleaved: bool = True):
         super().__init__()
-        self.dim = dim
+        self.dim, self.interleaved = dim, interleaved
         # mx.fast.rope takes periods (positions per radian), the inverse of the frequencies.
         self._periods = mx.array(1.0 / inverse_frequencies(dim, base, scaling), dtype=mx.float32)
         self.cos_sin_scale = 1.0
@@ -66,5 +68,5 @@ class RoPE(nn.Module):
         if self.cos_sin_scale != 1.0:
             x = x * self.cos_sin_scale  # rotation is linear: scaling x equals scaling cos and sin
         return mx.fast.rope(
-            x, self.dim, traditional=True, base=None, scale=1.0, offset=offset, freqs=self._periods
+            x, self.dim, traditional=self.interleaved, base=None, scale=1.0, offset=offset, freqs=self._periods
         )
