@@ -1,6 +1,6 @@
 """DeepSeek-V3.2 (sparse attention) beside mlx-lm's `deepseek_v32` on the same converted checkpoint:
 decode by context, a prompt chunk on a long cache, peak memory, cache bytes per token.
-`python -m bench.v32 [--profile toy|cpu]`.
+`python -m bench.v32 [--profile toy|cpu|chunk]`.
 
 The model (`cpu` profile): V3.2's real layer shapes (hidden 7168, 128 heads, latent 512 + 64, a
 64 x 128 indexer choosing 2048) with one MoE layer of 16 experts (8 active, as V3.2) and an 8k
@@ -42,6 +42,8 @@ PROFILES = {
     "toy": {"shape": TOY, "decode": [32, 256], "chunks": [(32, 256)], "steps": 2, "reps": 1, "prompt": 16},
     "cpu": {"shape": {}, "decode": [1024, 2048, 4096, 16384, 65536], "chunks": [(256, 4096), (256, 16384)],
             "steps": 3, "reps": 2, "prompt": 32, "dense_max": 16384},
+    # the cpu profile's first chunk row alone, one timed run (the whole cpu profile takes hours here)
+    "chunk": {"shape": {}, "decode": [], "chunks": [(256, 4096)], "steps": 3, "reps": 1, "prompt": 32},
 }
 
 

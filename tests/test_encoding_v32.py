@@ -1,25 +1,20 @@
 """mlx_deepseek.encoding_v32 against DeepSeek's reference V3.2 encoder (its outputs in tests/data/encoding_v32_cases.json)."""
 
 import copy
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from encoding_cases import Cases
 
 from mlx_deepseek import encoding_v32 as v32
 from mlx_deepseek.chat_template import render
 
-CASES = json.loads((Path(__file__).parent / "data" / "encoding_v32_cases.json").read_text())
-CONVERSATIONS = {c["name"]: c for c in CASES["conversations"]}
-REPLIES = {r["name"]: r for r in CASES["replies"]}
-TRUNCATED = "truncated tool_calls block: the reference accepts it, we do not"  # a cut-off block is not a call
-
-
-def encode(case_messages, options):
-    options = dict(options)
-    return v32.encode_messages(copy.deepcopy(case_messages), thinking=options.pop("thinking_mode") == "thinking", **options)
+_cases = Cases("encoding_v32_cases.json", v32)
+CASES, CONVERSATIONS, REPLIES = _cases.data, _cases.conversations, _cases.replies
+encode = _cases.encode
+globals().update(_cases.reference_tests())
 
 
 def test_the_fixtures_cover_what_they_should():
@@ -30,32 +25,6 @@ def test_the_fixtures_cover_what_they_should():
         assert any(mark in p for p in prompts), mark
     assert any(p.endswith("</function_results>\n\n<think>") for p in prompts)  # results after the last user
     assert {c["options"]["thinking_mode"] for c in CONVERSATIONS.values()} == {"thinking", "chat"}
-
-
-@pytest.mark.parametrize("name", CONVERSATIONS)
-def test_prompt_equals_the_reference(name):
-    case = CONVERSATIONS[name]
-    messages = copy.deepcopy(case["messages"])
-    assert encode(messages, case["options"]) == case["prompt"]
-    assert messages == case["messages"]  # the caller's messages are not changed
-
-
-@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is None and n != TRUNCATED])
-def test_parse_equals_the_reference(name):
-    r = REPLIES[name]
-    thinking = r["thinking_mode"] == "thinking"
-    assert v32.parse_reply(r["text"], thinking, strict=True) == r["parsed"]
-    assert v32.parse_reply(r["text"], thinking) == r["parsed"]
-
-
-@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is not None] + [TRUNCATED])
-def test_malformed_reply_is_a_clear_error_or_plain_text(name):
-    r = REPLIES[name]
-    thinking = r["thinking_mode"] == "thinking"
-    with pytest.raises(v32.DSMLError):
-        v32.parse_reply(r["text"], thinking, strict=True)
-    plain = v32.parse_reply(r["text"], thinking)
-    assert plain["tool_calls"] == [] and plain["role"] == "assistant"
 
 
 def test_a_v4_block_is_not_a_v32_call():

@@ -7,53 +7,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from encoding_cases import Cases
 
 from mlx_deepseek import encoding_v4 as v4
 
-CASES = json.loads((Path(__file__).parent / "data" / "encoding_v4_cases.json").read_text())
-CONVERSATIONS = {c["name"]: c for c in CASES["conversations"]}
-REPLIES = {r["name"]: r for r in CASES["replies"]}
-# Where we deliberately differ from the reference, and why.
-TRUNCATED = "truncated tool_calls block: the reference accepts it, we do not"  # a cut-off block is not a call
-
-
-def encode(case_messages, options):
-    options = dict(options)
-    return v4.encode_messages(copy.deepcopy(case_messages), thinking=options.pop("thinking_mode") == "thinking", **options)
+_cases = Cases("encoding_v4_cases.json", v4)
+CASES, CONVERSATIONS, REPLIES = _cases.data, _cases.conversations, _cases.replies
+encode = _cases.encode
+globals().update(_cases.reference_tests())
 
 
 def test_the_fixtures_cover_what_they_should():
     assert CASES["source"]["sha256"] == "bdbd57c132a1b3725042323d02b98b9d1df28e5f388f134399555d041f5055e0"
     assert len(CONVERSATIONS) >= 12 and len(REPLIES) >= 12
     assert sum(name.startswith("DeepSeek's own golden case") for name in CONVERSATIONS) == 4
-
-
-@pytest.mark.parametrize("name", CONVERSATIONS)
-def test_prompt_equals_the_reference(name):
-    case = CONVERSATIONS[name]
-    messages = copy.deepcopy(case["messages"])
-    assert encode(messages, case["options"]) == case["prompt"]
-    assert messages == case["messages"]  # the caller's messages are not changed
-
-
-@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is None and n != TRUNCATED])
-def test_parse_equals_the_reference(name):
-    r = REPLIES[name]
-    thinking = r["thinking_mode"] == "thinking"
-    assert v4.parse_reply(r["text"], thinking, strict=True) == r["parsed"]
-    assert v4.parse_reply(r["text"], thinking) == r["parsed"]
-
-
-@pytest.mark.parametrize("name", [n for n in REPLIES if REPLIES[n]["error"] is not None] + [TRUNCATED])
-def test_malformed_reply_is_a_clear_error_or_plain_text(name):
-    r = REPLIES[name]
-    thinking = r["thinking_mode"] == "thinking"
-    with pytest.raises(v4.DSMLError):
-        v4.parse_reply(r["text"], thinking, strict=True)
-    plain = v4.parse_reply(r["text"], thinking)
-    assert plain["tool_calls"] == [] and plain["role"] == "assistant"
-    assert plain["reasoning_content"] + (v4.THINK_END if v4.THINK_END in r["text"] else "") + plain["content"] \
-        in (r["text"], r["text"].removesuffix(v4.EOS))
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
