@@ -14,10 +14,6 @@ developer messages, drop_thinking=False. The replies are V4's with the block ren
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
-import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -121,37 +117,12 @@ def conversations():
 REPLIES = [(name, text.replace("｜DSML｜tool_calls", "｜DSML｜function_calls"), mode) for name, text, mode in v4.REPLIES]
 
 
-def load_reference(path: Path):
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SHA256:
-        raise SystemExit(f"{path}: sha256 {digest}, not the pinned DeepSeek-V3.2 encoder {SHA256}")
-    spec = importlib.util.spec_from_file_location("encoding_dsv32_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--reference", type=Path, required=True, help="DeepSeek's encoding_dsv32.py (sha256-pinned)")
     args = p.parse_args()
-    ref = load_reference(args.reference)
-
-    cases = []
-    for name, messages, options in conversations():
-        expected = ref.encode_messages(copy.deepcopy(messages), **options)
-        cases.append({"name": name, "messages": messages, "options": options, "prompt": expected})
-    replies = []
-    for name, text, mode in REPLIES:
-        try:
-            parsed, error = ref.parse_message_from_completion_text(text, thinking_mode=mode), None
-        except (AssertionError, ValueError) as e:
-            parsed, error = None, f"{type(e).__name__}: {e}"
-        replies.append({"name": name, "text": text, "thinking_mode": mode, "parsed": parsed, "error": error})
-
-    OUT.write_text(json.dumps({"source": SOURCE, "conversations": cases, "replies": replies},
-                              ensure_ascii=False, indent=1) + "\n")
-    print(f"{OUT}: {len(cases)} conversations, {len(replies)} replies")
+    ref = v4.load_reference(args.reference, SHA256, "DeepSeek-V3.2 encoder")
+    v4.write_cases(ref, conversations(), REPLIES, SOURCE, OUT)
 
 
 if __name__ == "__main__":

