@@ -184,15 +184,21 @@ class Server:
         if not getattr(self.settings, "warm_history", True):
             return
         history = list(field(body, "messages")) + [message]
+
+        def rendered(then: str) -> list[int]:
+            return self.chat_prompt({**body, "messages": history + [{"role": "user", "content": then}]})[0]
+
         try:
-            a = self.chat_prompt({**body, "messages": history + [{"role": "user", "content": "A"}]})[0]
-            b = self.chat_prompt({**body, "messages": history + [{"role": "user", "content": "B"}]})[0]
+            a = rendered("A")
+            eos = self.tokenizer.eos_token_id
+            ends = [i for i, t in enumerate(a) if t == eos]  # the reply's end-of-turn: whatever follows it
+            if ends:
+                n = ends[-1] + 1
+            else:  # a template without one (a plain transcript): up to where the next message differs
+                b = rendered("B")
+                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         except APIError:
             return
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        eos = self.tokenizer.eos_token_id
-        ends = [i for i in range(n) if a[i] == eos]  # the reply's end-of-turn: whatever follows it
-        n = ends[-1] + 1 if ends else n
         if 1 < n < self.context:
             self.scheduler.submit(Request(prompt=list(a[:n]), max_tokens=0, emit=lambda event: None, warm=True))
 

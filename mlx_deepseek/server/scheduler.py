@@ -60,7 +60,7 @@ class Piece:
 
 @dataclass
 class Finish:
-    reason: str                 # "stop", "length" or "cancelled"
+    reason: str                 # "stop", "length", "cancelled" or "warm" (a warm-up's)
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -174,8 +174,8 @@ class Scheduler:
         for s in [s for s in self.prefilling if s.req.cancelled.is_set()]:
             self.prefilling.remove(s)
             self._finish_alone(s, "cancelled")
-        if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+        if self.prefilling and self._prefill_chunk(self.prefilling[0]):
+            self.prefilling.pop(0)
         if self.running or self.joining:
             self._decode_step()
 
@@ -195,12 +195,14 @@ class Scheduler:
                 caches = self.model.make_cache(self.kv_bits, self.kv_group_size)
             s = Sequence(req, caches, reused, self.tokenizer)
             if req.warm:  # at once, so that every request submitted after it finds it stored
-                while s.pending:
-                    self._prefill_chunk(s, listed=False)
+                while not self._prefill_chunk(s):
+                    pass
                 continue
             self.prefilling.append(s)
 
-    def _prefill_chunk(self, s: Sequence, listed: bool = True) -> None:
+    def _prefill_chunk(self, s: Sequence) -> bool:
+        """Prefill the next chunk of `s`; True when its prompt is done (it then has its first token,
+        has joined or ended; a warm-up has gone to the store)."""
         chunk, s.pending = s.pending[: self.prefill_step_size], s.pending[self.prefill_step_size:]
         # Only the caches are needed from the prompt, and the last token's logits: evaluating the
         # caches alone skips the last layer's FFN for the other tokens.
@@ -211,21 +213,19 @@ class Scheduler:
             mx.eval([c.state for c in s.caches])
         s.held += chunk
         if s.pending:
-            return
+            return False
         if s.req.warm:
-            if listed:
-                self.prefilling.remove(s)
             self._finish_alone(s, "warm")
-            return
+            return True
         logits = self.model.logits(self.model.hidden(mx.array([chunk[-1:]]), cache=s.caches)[:, -1, :])
-        self.prefilling.remove(s)
         token = self._sample(s, logits)
         s.first_token_at = time.perf_counter()
         reason = self._emit(s, token)
         if reason:
             self._finish_alone(s, reason)
-            return
-        self.joining.append(s)  # joins the batch when no step is queued ahead
+        else:
+            self.joining.append(s)  # joins the batch when no step is queued ahead
+        return True
 
     def _join(self) -> None:
         for s in self.joining:
@@ -303,10 +303,11 @@ class Scheduler:
         if req.warm and pc.tokens[: len(req.prompt)] == req.prompt:
             return  # already cached as it will come back
         reused = pc.reuse(req.prompt)
-        s = Sequence(req, None, reused, self.tokenizer)
-        logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
         if req.warm:
+            prefill(pc, req.prompt[reused:], self.prefill_step_size)
             return
+        s = Sequence(req, None, reused, self.tokenizer)  # its clock starts before the prefill
+        logits, pending = prefill(pc, req.prompt[reused:], self.prefill_step_size)
         reason = self._serve_mtp(s, pc, logits, pending) if self.mtp else self._serve_plain(s, pc, logits)
         s.held = list(pc.tokens)
         self._finish(s, reason, None)
