@@ -118,6 +118,14 @@ def read_back(folder: Path, file: Path):
             assert list(source.read(name).shape) == header[name]["shape"]
 
 
+def mutated(valid: bytes, edits, cut) -> bytes:
+    """`valid` with bytes overwritten at positions (mod its length), then cut at `cut` (mod its length + 1)."""
+    data = bytearray(valid)
+    for pos, byte in edits:
+        data[pos % len(data)] = byte
+    return bytes(data if cut is None else data[: cut % (len(data) + 1)])
+
+
 @fuzz(300)
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
        st.none() | st.integers(0, 10**6))
@@ -125,13 +133,9 @@ def read_back(folder: Path, file: Path):
 @example(edits=[(181, 32)], cut=None)  # found: a mangled "shape" key reached mx.load (RuntimeError)
 def test_mutated_safetensors(edits, cut):
     COUNTS["safetensors files, mutated bytes"] = COUNTS.get("safetensors files, mutated bytes", 0) + 1
-    data = bytearray(VALID_ST)
-    for pos, byte in edits:
-        data[pos % len(data)] = byte
-    if cut is not None:
-        data = data[: cut % (len(data) + 1)]
+    data = mutated(VALID_ST, edits, cut)
     folder = scratch()
-    (folder / "model.safetensors").write_bytes(bytes(data))
+    (folder / "model.safetensors").write_bytes(data)
     read_back(folder, folder / "model.safetensors")
 
 
@@ -184,13 +188,9 @@ VALID_BINS = valid_bins()
 def test_mutated_pytorch_bin(zip_format, edits, cut):
     COUNTS["PyTorch .bin, mutated bytes (zip and legacy)"] = COUNTS.get(
         "PyTorch .bin, mutated bytes (zip and legacy)", 0) + 1
-    data = bytearray(VALID_BINS[zip_format])
-    for pos, byte in edits:
-        data[pos % len(data)] = byte
-    if cut is not None:
-        data = data[: cut % (len(data) + 1)]
+    data = mutated(VALID_BINS[zip_format], edits, cut)
     folder = scratch()
-    (folder / "pytorch_model.bin").write_bytes(bytes(data))
+    (folder / "pytorch_model.bin").write_bytes(data)
     source = outcome(lambda: open_source(folder, {}), "pytorch_model.bin")
     if source is not None:
         for name in source.names():
