@@ -144,7 +144,7 @@ def second_turn(url: str, long_words: int, max_tokens: int) -> dict:
     a = stream_chat(url, first, max_tokens)
     second = first + [{"role": "assistant", "content": a["text"]}, {"role": "user", "content": "And then?"}]
     b = stream_chat(url, second, max_tokens)
-    return {"first_turn_ttft": a["ttft"], "second_turn_ttft": b["ttft"]}
+    return {"first_turn_ttft": a["ttft"], "second_turn_ttft": b["ttft"], "turn_texts": [a["text"], b["text"]]}
 
 
 def main(argv=None) -> int:
@@ -164,13 +164,17 @@ def main(argv=None) -> int:
             for row in rows:
                 if row["server"] == name:
                     row.update(turns)
-    result = {"machine": machine(), "profile": args.profile, "model": folder.name, "reply_tokens": max_tokens, "rows": rows}
+    texts = {r["server"]: r["turn_texts"] for r in rows}
+    same = len({json.dumps(t) for t in texts.values()}) == 1  # both greedy on the same checkpoint
+    result = {"machine": machine(), "profile": args.profile, "model": folder.name, "reply_tokens": max_tokens,
+              "same_greedy_text": same, "rows": rows}
     (out / f"server-{args.profile}.json").write_text(json.dumps(result, indent=2))
     print("| server | clients | TTFT p50 s | TTFT p95 s | aggregate tok/s | 1st-turn TTFT s | 2nd-turn TTFT s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {r['aggregate_tps']:.1f} | "
               f"{r['first_turn_ttft']:.3f} | {r['second_turn_ttft']:.3f} |")
+    print(f"both servers' greedy replies on the two turns are the same text: {same}")
     return 0
 
 
