@@ -29,9 +29,10 @@ from .config import ModelArgs
 from .quant import QuantizedWeights
 
 
+@mx.compile
 def swiglu(gate: mx.array, up: mx.array, limit: float = 0.0) -> mx.array:
     """silu(gate) * up; with a `limit` (DeepSeek-V4's swiglu_limit) gate is clipped above at limit
-    and up to [-limit, limit] first."""
+    and up to [-limit, limit] first. Compiled: one fused kernel instead of two to four."""
     if limit:
         gate = mx.minimum(gate, limit)
         up = mx.clip(up, -limit, limit)
@@ -66,33 +67,41 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x (..., D) -> expert indices (..., k) and their float32 weights (..., k)."""
-        # Routing decisions are fragile: score in float32 whatever the model's dtype (the loader
-        # keeps the router weight in float32, so the cast below costs nothing).
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        scores = mx.sigmoid(logits) if self.scoring == "sigmoid" else mx.softmax(logits, axis=-1)
-        choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
-        if self.method != "greedy" and self.n_group > 1:
-            choice = self._keep_best_groups(choice)
-        indices = mx.stop_gradient(mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
-        weights = mx.take_along_axis(scores, indices, axis=-1)
-        if self.normalize:
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        if not self.normalize or self.scoring == "sigmoid":
-            weights = weights * self.scaling
-        return indices, weights
+        return route(x, self.weight, self.get("e_score_correction_bias"), self.top_k, self.method, self.scoring,
+                     self.n_group, self.topk_group, self.normalize, self.scaling)
 
-    def _keep_best_groups(self, choice: mx.array) -> mx.array:
-        grouped = mx.unflatten(choice, -1, (self.n_group, -1))
-        if self.method == "noaux_tc":
-            group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
-        else:
-            group_scores = grouped.max(axis=-1)
-        dropped = self.n_group - self.topk_group
-        if dropped == 0:
-            return choice
-        worst = mx.argpartition(group_scores, kth=dropped - 1, axis=-1)[..., :dropped]
-        grouped = mx.put_along_axis(grouped, worst[..., None], mx.array(-math.inf, grouped.dtype), axis=-2)
-        return mx.flatten(grouped, -2, -1)
+
+@mx.compile
+def route(x, weight, bias, top_k: int, method: str, scoring: str, n_group: int, topk_group: int,
+          normalize: bool, scaling: float) -> tuple[mx.array, mx.array]:
+    """The router's choice, one compiled graph (its elementwise steps fused): see `Router`."""
+    # Routing decisions are fragile: score in float32 whatever the model's dtype (the loader
+    # keeps the router weight in float32, so the cast below costs nothing).
+    logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
+    scores = mx.sigmoid(logits) if scoring == "sigmoid" else mx.softmax(logits, axis=-1)
+    choice = scores + bias if method == "noaux_tc" else scores
+    if method != "greedy" and n_group > 1 and topk_group < n_group:
+        choice = keep_best_groups(choice, method, n_group, n_group - topk_group)
+    indices = mx.stop_gradient(mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    if not normalize or scoring == "sigmoid":
+        weights = weights * scaling
+    return indices, weights
+
+
+def keep_best_groups(choice: mx.array, method: str, n_group: int, dropped: int) -> mx.array:
+    """`choice` with the experts of the `dropped` worst groups at -inf: groups ranked by their two
+    best scores' sum (noaux_tc) or their best score (group_limited_greedy)."""
+    grouped = mx.unflatten(choice, -1, (n_group, -1))
+    if method == "noaux_tc":
+        group_scores = mx.topk(grouped, 2, axis=-1).sum(axis=-1)
+    else:
+        group_scores = grouped.max(axis=-1)
+    worst = mx.argpartition(group_scores, kth=dropped - 1, axis=-1)[..., :dropped]
+    grouped = mx.put_along_axis(grouped, worst[..., None], mx.array(-math.inf, grouped.dtype), axis=-2)
+    return mx.flatten(grouped, -2, -1)
 
 
 class ExpertLinear(nn.Module):
@@ -103,22 +112,23 @@ class ExpertLinear(nn.Module):
         bound = math.sqrt(1.0 / in_dims)
         self.weight = mx.random.uniform(-bound, bound, (experts, out_dims, in_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False, lhs=None) -> mx.array:
+        """`lhs`: which row of x each output reads (default: row i for output i)."""
         w = self.weight.swapaxes(-1, -2)
         if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
             # MLX's CPU gather_mm is float32-only; Metal runs every dtype. Tests on CPU only.
-            out = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
+            out = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), lhs_indices=lhs, rhs_indices=indices,
                                sorted_indices=sorted_indices)
             return out.astype(x.dtype)
-        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        return mx.gather_mm(x, w, lhs_indices=lhs, rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedExpertLinear(self.weight, group_size, bits, mode)
 
 
 class QuantizedExpertLinear(QuantizedWeights):
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return self.gather_matmul(x, indices, sorted_indices)
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False, lhs=None) -> mx.array:
+        return self.gather_matmul(x, indices, sorted_indices, lhs)
 
 
 SORT_THRESHOLD = 64  # token-expert pairs from which dispatch sorts them by expert
@@ -161,7 +171,9 @@ class RoutedExperts(nn.Module):
         return dispatch(x, indices, self.swiglu)
 
     def swiglu(self, rows: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        h = swiglu(self.gate_proj(rows, indices, sorted_indices), self.up_proj(rows, indices, sorted_indices),
+        # gate and up read the same rows: one index array for both, not one built in each call
+        lhs = mx.arange(math.prod(rows.shape[:-2]), dtype=mx.uint32).reshape(rows.shape[:-2])
+        h = swiglu(self.gate_proj(rows, indices, sorted_indices, lhs), self.up_proj(rows, indices, sorted_indices, lhs),
                    self.limit)
         return self.down_proj(h, indices, sorted_indices)
 

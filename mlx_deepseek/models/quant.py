@@ -23,9 +23,9 @@ class QuantizedWeights(nn.Module):
             group_size=self.group_size, bits=self.bits, mode=self.mode,
         )
 
-    def gather_matmul(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    def gather_matmul(self, x: mx.array, indices: mx.array, sorted_indices: bool, lhs=None) -> mx.array:
         return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
+            x, self["weight"], self["scales"], self.get("biases"), lhs_indices=lhs, rhs_indices=indices,
             transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
             sorted_indices=sorted_indices,
         )

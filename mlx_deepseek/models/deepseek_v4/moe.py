@@ -30,21 +30,29 @@ class Gate(nn.Module):
 
     def __call__(self, x: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """x (B, L, D), tokens (B, L) -> expert indices (B, L, k) and float32 weights (B, L, k)."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        if self.scoring == "softmax":
-            scores = mx.softmax(logits, axis=-1)
-        elif self.scoring == "sigmoid":
-            scores = mx.sigmoid(logits)
-        else:
-            scores = mx.sqrt(nn.softplus(logits))
-        if self.hash:
-            indices = self.tid2eid[tokens]
-        else:
-            indices = mx.argpartition(-(scores + self.bias), kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        weights = mx.take_along_axis(scores, indices, axis=-1)
-        if self.scoring != "softmax":
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        return indices, weights * self.scaling
+        table = self.tid2eid[tokens] if self.hash else None
+        return route(x, self.weight, self.get("bias"), table, self.top_k, self.scoring, self.scaling)
+
+
+@mx.compile
+def route(x, weight, bias, table, top_k: int, scoring: str, scaling: float) -> tuple[mx.array, mx.array]:
+    """The gate's choice, one compiled graph (its elementwise steps fused): the experts `table`
+    names (hash layers) or the top k of score + bias."""
+    logits = x.astype(mx.float32) @ weight.astype(mx.float32).T
+    if scoring == "softmax":
+        scores = mx.softmax(logits, axis=-1)
+    elif scoring == "sigmoid":
+        scores = mx.sigmoid(logits)
+    else:
+        scores = mx.sqrt(nn.softplus(logits))
+    if table is not None:
+        indices = table
+    else:
+        indices = mx.argpartition(-(scores + bias), kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if scoring != "softmax":
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * scaling
 
 
 class MoE(nn.Module):
