@@ -153,6 +153,7 @@ def count_step(name: str, folder: Path, context: int) -> dict:
                         for i, total in enumerate(out["total"]))
     for label, sampler in (("sampler (greedy)", make_sampler(0.0)),
                            ("sampler (temp, top-p)", make_sampler(0.7, top_p=0.9))):
+        mx.eval(sampler(logits))  # its compiled parts are traced on the first call
         nodes = primitives(sampler(logits))
         out[label] = (nodes, kernels(nodes, collections.Counter()))
     return {kind: [sum(n.values()), sum(k.values())] for kind, (n, k) in out.items()} | {
