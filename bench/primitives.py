@@ -4,7 +4,8 @@ On an Apple GPU each primitive of the lazy graph that computes (not a view: resh
 broadcast, transpose) is about one kernel launch, and batch-1 MoE decoding of a 61-layer model is
 dominated by launches and small reads. The graph of one step's logits (a cache already holding
 `context` tokens) is written with `mx.export_to_dot` and its nodes counted, split by layer kind
-(attention, dense MLP, MoE, the rest: embedding, norms, residuals, head) and for the sampler.
+(attention, dense MLP, MoE, the rest: embedding, norms, residuals, head, log-softmax) and for the
+sampler.
 
 MLX's CPU backend runs `mx.fast.rms_norm`, `rope`, `scaled_dot_product_attention` and
 `mx.dequantize` as their decomposition (a dozen nodes each) where a GPU runs one kernel; `kernels` counts each such call

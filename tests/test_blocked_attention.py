@@ -98,3 +98,25 @@ def test_model_with_blocked_decompression_equals_absorbed(checkpoint, monkeypatc
         model(mx.array(toks[:, :300]), cache=cache)
         results[absorb] = np.array(model(mx.array(toks[:, 300:]), cache=cache))
     assert rel_err(results[False], results[True]) < 1e-5
+
+
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 32), ("affine", 8, 64), ("mxfp4", 4, 32)])
+def test_quantized_expansion_is_the_dequantized_matrix(mode, bits, group):
+    """The decompressed path expands with key_up/value_up dequantized once (a dense matmul): the
+    same map as the quantized matmul, so a quantized layer's decompressed attention equals its
+    absorbed one (which keeps the quantized matmuls)."""
+    import mlx.nn as nn
+
+    from mlx_deepseek.models.mla import QuantizedHeadProjection
+
+    layer = mla(kv_lora_rank=64)
+    nn.quantize(layer, group_size=group, bits=bits, mode=mode,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group == 0)
+    assert isinstance(layer.key_up, QuantizedHeadProjection) and isinstance(layer.value_up, QuantizedHeadProjection)
+    x = mx.random.normal((2, layer.heads, 5, layer.rank))
+    for projection in (layer.key_up, layer.value_up):
+        np.testing.assert_allclose(np.array(x @ projection.dense()), np.array(projection(x)), rtol=1e-4, atol=1e-4)
+    q_nope, q_pe, latent, k_pe = inputs(layer, 2, 7, 90, seed=4)
+    absorbed = layer._attend_absorbed(q_nope, q_pe, latent, k_pe, key_mask(2, 90))
+    blocked = layer._attend_decompressed(q_nope, q_pe, latent, k_pe, key_mask(2, 90), block=32)
+    np.testing.assert_allclose(np.array(blocked), np.array(absorbed), rtol=1e-4, atol=1e-4)

@@ -11,8 +11,11 @@ Two ways to evaluate the same thing:
 - absorbed: move key_up onto the query (q_nope key_up, width R) and value_up after the weighted
   sum, so attention runs on the latents directly. Work grows with L * T * 2R.
 - decompressed: expand the cached latents into per-head keys [key_up c, k_pe] and values first.
-  Costs T * R * (nope + v) up front, then L * T * (nope + rope + v). The history is expanded
-  `block_tokens` at a time with an online softmax across blocks, so the transient is one block of
+  Costs T * R * (nope + v) up front, then L * T * (nope + rope + v). The expansion multiplies
+  thousands of latents by key_up / value_up, so those are dequantized once per call (H x (nope + v)
+  x R values: 33 MB per layer for V3 in bf16) and applied as dense matmuls, measured 2.7x faster
+  here than quantized matmuls over the same rows. The history is expanded `block_tokens` at a
+  time with an online softmax across blocks, so the transient is those weights and one block of
   keys, values and scores (at most `DECOMPRESS_BUDGET` bytes), not the whole history x heads.
 `MLA.absorbs(L, T)` picks the cheaper one; decode (L = 1) always absorbs for T > 1. The absorbed
 path hands the RoPE term to attention as an additive mask (with causality); the decompressed one
@@ -51,6 +54,10 @@ class HeadProjection(nn.Module):
         """x (.., H, L, out) -> (.., H, L, in): the transposed map."""
         return x @ self.weight
 
+    def dense(self) -> mx.array:
+        """The map as one row-major (H, in, out) matrix: x @ dense() == self(x)."""
+        return mx.contiguous(self.weight.swapaxes(-1, -2))
+
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedHeadProjection(self.weight, group_size, bits, mode)
 
@@ -61,6 +68,12 @@ class QuantizedHeadProjection(QuantizedWeights):
 
     def t(self, x: mx.array) -> mx.array:
         return self.matmul(x, transpose=False)
+
+    def dense(self) -> mx.array:
+        """Dequantized once, as one row-major (H, in, out) matrix: x @ dense() == self(x)."""
+        weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                               bits=self.bits, mode=self.mode)
+        return mx.contiguous(weight.swapaxes(-1, -2))
 
 
 def causal_mask(queries: int, keys: int) -> mx.array:
@@ -124,18 +137,15 @@ class MLA(nn.Module):
     # The decompressed path expands `block_tokens` cached tokens at a time, so its transient per
     # layer is at most about DECOMPRESS_BUDGET bytes, whatever the history's length.
     DECOMPRESS_BUDGET = 256 * 2**20
-    # What one multiply-add of the expansion (key_up/value_up over cached latents, a 4-bit matmul)
-    # costs relative to one of attention. Measured with `python -m bench.chunk_attention` (README,
-    # "Chunks on a long cache"): absorbing wins up to ~300-token chunks on 4k-16k caches, not the
-    # ~170 a plain MAC count gives; 2.0 puts the crossover there (256 absorbs, 512 decompresses).
-    EXPANSION_WEIGHT = 2.0
 
     def absorbs(self, L: int, T: int) -> bool:
-        """True when attending on latents is cheaper than decompressing them: multiply-adds per head
-        (the RoPE term on both sides), the expansion's weighted by EXPANSION_WEIGHT."""
+        """True when attending on latents is cheaper than decompressing them, by multiply-adds per
+        head (the RoPE term on both sides). Measured with `python -m bench.chunk_attention` (README,
+        "Chunks on a long cache"): the crossover it gives, ~170-token chunks on a long cache, is
+        where the two paths' times cross."""
         R, up, rope = self.rank, self.nope + self.v_dim, self.rope_dim
         absorbed = L * R * up + L * T * (2 * R + rope)
-        decompressed = self.EXPANSION_WEIGHT * T * R * up + L * T * (up + rope)
+        decompressed = T * R * up + L * T * (up + rope)
         return absorbed <= decompressed
 
     def block_tokens(self, B: int, L: int, itemsize: int) -> int:
@@ -216,11 +226,12 @@ class MLA(nn.Module):
         T = latent.shape[2]
         block = block or self.block_tokens(B, L, latent.dtype.size)
         queries = mx.concatenate([q_nope, q_pe], axis=-1)
+        key_up, value_up = self.key_up.dense(), self.value_up.dense()
 
         def keys_values(start, stop):
             c = latent[..., start:stop, :]
             pe = mx.broadcast_to(k_pe[..., start:stop, :], (B, H, stop - start, self.rope_dim))
-            return mx.concatenate([self.key_up(c), pe], axis=-1), self.value_up(c)
+            return mx.concatenate([c @ key_up, pe], axis=-1), c @ value_up
 
         if T <= block:
             keys, values = keys_values(0, T)
