@@ -41,12 +41,17 @@ def command(src, dst):
             "--q-group-size", "32", "--max-shard-size-gb", "0.0002"]
 
 
+def partials(out: Path, dst: Path) -> set:
+    """The names of the hidden partial folders a conversion to `dst` leaves in `out` while writing."""
+    return {p.name for p in out.glob(f".{dst.name}.partial-*")}
+
+
 def timed_run(src, dst, out):
     """A whole conversion, untouched: (seconds until the partial folder appears, seconds in all)."""
     start, appeared = time.time(), None
     child = subprocess.Popen(command(src, dst), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None:
-        if appeared is None and list(out.glob(f".{dst.name}.partial-*")):
+        if appeared is None and partials(out, dst):
             appeared = time.time() - start
         time.sleep(0.002)
     assert child.returncode == 0
@@ -70,7 +75,7 @@ def test_kill_9_at_random_points_leaves_nothing_that_looks_finished(checkpoint, 
         if run % 2:  # odd runs: anywhere in the run, start-up included
             time.sleep(rng.uniform(0, total))
         else:  # even runs: while the shards are written, timed from when this run's partial folder appears
-            while child.poll() is None and not {p.name for p in out.glob(".model.partial-*")} - earlier:
+            while child.poll() is None and not partials(out, dst) - earlier:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0, (total - appeared) / 2))
         child.send_signal(signal.SIGKILL)

@@ -71,9 +71,7 @@ class QuantizedHeadProjection(QuantizedWeights):
 
     def dense(self) -> mx.array:
         """Dequantized once, as one row-major (H, in, out) matrix: x @ dense() == self(x)."""
-        weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                               bits=self.bits, mode=self.mode)
-        return mx.contiguous(weight.swapaxes(-1, -2))
+        return mx.contiguous(self.dequantized().swapaxes(-1, -2))
 
 
 def causal_mask(queries: int, keys: int) -> mx.array:
@@ -140,9 +138,9 @@ class MLA(nn.Module):
 
     def absorbs(self, L: int, T: int) -> bool:
         """True when attending on latents is cheaper than decompressing them, by multiply-adds per
-        head (the RoPE term on both sides). Measured with `python -m bench.chunk_attention` (README,
-        "Chunks on a long cache"): the crossover it gives, ~170-token chunks on a long cache, is
-        where the two paths' times cross."""
+        head (the RoPE term on both sides). On a long cache it absorbs up to ~170-token chunks;
+        measured with `python -m bench.chunk_attention` (README, "Chunks on a long cache"), the two
+        paths' times cross at ~128 tokens and are within 6% of each other between the two."""
         R, up, rope = self.rank, self.nope + self.v_dim, self.rope_dim
         absorbed = L * R * up + L * T * (2 * R + rope)
         decompressed = T * R * up + L * T * (up + rope)

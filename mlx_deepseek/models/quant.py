@@ -23,6 +23,11 @@ class QuantizedWeights(nn.Module):
             group_size=self.group_size, bits=self.bits, mode=self.mode,
         )
 
+    def dequantized(self) -> mx.array:
+        """The float (N, out, in) stack these weights hold."""
+        return mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
     def gather_matmul(self, x: mx.array, indices: mx.array, sorted_indices: bool, lhs=None) -> mx.array:
         return mx.gather_qmm(
             x, self["weight"], self["scales"], self.get("biases"), lhs_indices=lhs, rhs_indices=indices,
